@@ -1,0 +1,239 @@
+"""The engine: a bounded waiting queue, a running batch, and the step loop (continuous batching).
+
+`LLMEngine` is synchronous and owned by one thread: `step()` admits waiting requests into free
+cache slots (prefill), runs one `decode_step` for every running row, and returns the new tokens
+as `RequestOutput` deltas. Requests join and leave the batch between steps. `add_request` and
+`abort` may be called from any thread (they only touch the lock-protected intake).
+
+Invariants: running[i].slot == i for all i (dense slots); a request is in exactly one of
+waiting/running until it finishes; every request ends with exactly one finished output.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from mara_core.errors import (
+    ContextLengthExceededError,
+    EngineNotReadyError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from mara_core.loading import LoadedModel
+from mara_core.request import Request, RequestOutput, TokenTrace
+from mara_core.runner import ModelRunner
+from mara_core.sequence import Sequence
+from mara_core.step import decode_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 16  # cache slots = rows of the running batch
+    max_waiting: int = 256  # bounded queue; beyond it add_request raises QueueFullError
+    chunk_size: int | None = None  # None: all candidates in one forward (best measured, bench/)
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled per step (keeps inter-token latency)
+
+
+class LLMEngine:
+    def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.lm = lm
+        self.config = config
+        self.runner = ModelRunner(lm, config.max_running)
+        self.max_model_len = self.runner.max_len
+        self._lock = threading.Lock()
+        self._waiting: deque[Request] = deque()
+        self._aborts: set[str] = set()
+        self._accepting = True
+        self.running: list[Sequence] = []
+        self.num_steps = 0
+
+    # ---- intake (any thread) ------------------------------------------------------------
+
+    def validate(self, request: Request) -> None:
+        ids = request.prompt_token_ids
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if min(ids) < 0 or max(ids) >= self.lm.vocab_size:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.lm.vocab_size})",
+                                      "prompt")  # fmt: skip
+        total = len(ids) + request.params.max_new_tokens
+        if total > self.max_model_len:
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{len(ids)} prompt tokens + {request.params.max_new_tokens} new tokens were "
+                f"requested ({total}); shorten the prompt or lower max_tokens", "messages",
+            )  # fmt: skip
+        agent = request.agent
+        if agent is not None and agent.hidden_size != self.lm.hidden_size:
+            raise InvalidRequestError(
+                f"agent {agent.name!r} has hidden size {agent.hidden_size}, model has "
+                f"{self.lm.hidden_size}", "model",
+            )  # fmt: skip
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raises for invalid input, a full queue, or a stopped engine."""
+        self.validate(request)
+        with self._lock:
+            if not self._accepting:
+                raise EngineNotReadyError("the engine is shutting down")
+            if len(self._waiting) >= self.config.max_waiting:
+                raise QueueFullError(f"waiting queue is full ({self.config.max_waiting})")
+            self._waiting.append(request)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    # ---- state --------------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self._waiting or self._aborts)
+
+    def stats(self) -> dict:
+        return {
+            "running": self.num_running, "waiting": self.num_waiting,
+            "max_running": self.config.max_running, "max_waiting": self.config.max_waiting,
+            "kv_cache_capacity": self.runner.cache.capacity, "steps": self.num_steps,
+        }  # fmt: skip
+
+    # ---- the loop (engine thread) -------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self._apply_aborts()
+        outputs += self._admit()
+        if self.running:
+            outputs += self._decode()
+        self.num_steps += 1
+        return outputs
+
+    def _apply_aborts(self) -> list[RequestOutput]:
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+            if not aborts:
+                return []
+            dropped = [r for r in self._waiting if r.request_id in aborts]
+            self._waiting = deque(r for r in self._waiting if r.request_id not in aborts)
+        outs = [RequestOutput(r.request_id, [], [], True, "abort",
+                              num_prompt_tokens=len(r.prompt_token_ids)) for r in dropped]  # fmt: skip
+        for seq in [s for s in self.running if s.request_id in aborts]:
+            seq.finish_reason = "abort"
+            outs.append(self._final_output(seq, [], []))
+            self._release(seq)
+        return outs
+
+    def _admit(self) -> list[RequestOutput]:
+        outs: list[RequestOutput] = []
+        budget = self.config.max_prefill_tokens
+        while len(self.running) < self.config.max_running:
+            with self._lock:
+                if not self._waiting:
+                    break
+                n = len(self._waiting[0].prompt_token_ids)
+                if n > budget and budget < self.config.max_prefill_tokens:
+                    break  # this step's prefill budget is spent; the next step takes it
+                request = self._waiting.popleft()
+            budget -= n
+            seq = Sequence(request, len(self.running), self.lm.eos_token_ids, self.lm.device)
+            seq.first_scheduled_time = time.monotonic()
+            try:
+                hidden = self.runner.prefill(seq.slot, request.prompt_token_ids)
+                seq.next_logits = self.runner.logits(hidden[None])[0]
+            except Exception as e:  # one bad request must not take the engine down
+                log.exception("prefill failed for %s", request.request_id)
+                outs.append(RequestOutput(request.request_id, [], [], True, "error", str(e),
+                                          num_prompt_tokens=n))  # fmt: skip
+                continue
+            seq.length = n
+            self.running.append(seq)
+        return outs
+
+    def _decode(self) -> list[RequestOutput]:
+        try:
+            traces = decode_step(self.runner, self.running, self.config.chunk_size)
+            results: list[tuple[Sequence, list[TokenTrace] | Exception]] = [
+                (s, [t]) for s, t in zip(self.running, traces, strict=True)
+            ]
+        except Exception:
+            # Isolate the failure: step each row alone; only rows that fail alone are failed.
+            log.exception("batched decode step failed; retrying rows one by one")
+            results = []
+            for seq in list(self.running):
+                try:
+                    results.append((seq, decode_step(self.runner, [seq], self.config.chunk_size)))
+                except Exception as e:
+                    log.exception("decode failed for %s", seq.request_id)
+                    results.append((seq, e))
+        outs = []
+        for seq, res in results:
+            if isinstance(res, Exception):
+                seq.finish_reason = "error"
+                outs.append(self._final_output(seq, [], [], error=str(res) or type(res).__name__))
+                continue
+            seq.append(res[0].token_id, res[0])
+            outs.append(self._output(seq, [res[0].token_id], res))
+        for seq in [s for s in self.running if s.finish_reason is not None]:
+            self._release(seq)
+        return outs
+
+    def _output(self, seq: Sequence, ids: list[int], traces: list[TokenTrace]) -> RequestOutput:
+        out = RequestOutput(
+            seq.request_id, ids, traces, seq.finish_reason is not None, seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens, num_generated_tokens=len(seq.output_ids),
+        )  # fmt: skip
+        if not seq.reported_queue_time:
+            out.queue_time = seq.first_scheduled_time - seq.request.arrival_time
+            seq.reported_queue_time = True
+        return out
+
+    def _final_output(self, seq, ids, traces, error: str | None = None) -> RequestOutput:
+        out = self._output(seq, ids, traces)
+        out.finished, out.finish_reason, out.error = True, seq.finish_reason, error
+        return out
+
+    def _release(self, seq: Sequence) -> None:
+        """Remove a sequence from the batch; the last row moves into its slot (dense slots)."""
+        i = self.running.index(seq)
+        last = self.running.pop()
+        if last is not seq:
+            self.runner.cache.move(last.slot, i, last.length)
+            last.slot = i
+            self.running[i] = last
+
+    # ---- convenience --------------------------------------------------------------------
+
+    def generate(self, requests: list[Request]) -> dict[str, tuple[list[int], list[TokenTrace], str]]:
+        """Run requests to completion (all queued at once); returns id → (ids, traces, reason)."""
+        results: dict[str, tuple[list[int], list[TokenTrace], str]] = {
+            r.request_id: ([], [], "") for r in requests
+        }
+        for r in requests:
+            self.add_request(r)
+        with torch.inference_mode():
+            while self.has_work():
+                for out in self.step():
+                    ids, traces, _ = results[out.request_id]
+                    ids += out.new_token_ids
+                    traces += out.traces
+                    if out.finished:
+                        results[out.request_id] = (ids, traces, out.finish_reason or "")
+        return results

@@ -1,0 +1,169 @@
+"""The MARA decode step: one token for every running row (DESIGN.md, "The decode step").
+
+1. candidates per row from its next-position logits (MARA rows: MARA_SPEC.md §1; plain rows:
+   the one sampled token);
+2. ONE forward of all rows' candidates (`ModelRunner.forward_tokens`, tree attention);
+3. one agent call per distinct agent on all its rows' candidate states;
+4. per row the first accepted candidate (all rejected → rank 0, the top-1);
+5. commit only the chosen tokens' K/V and run the LM head on the chosen states only.
+
+Chunked mode (`chunk_size=m`) evaluates the first m candidates, then the next m only for rows
+whose candidates were all rejected, and so on — for hardware where extra tokens are not free.
+Either way the emitted tokens are those of the serial reference (`reference.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mara_core.candidates import select_candidates_batch
+from mara_core.request import TokenTrace
+from mara_core.runner import ModelRunner
+from mara_core.sampling import sample_token
+from mara_core.sequence import Sequence
+
+
+@dataclass
+class _Row:
+    """One row's progress through the candidate rounds of a step."""
+
+    cands: list[int]
+    probs: list[float]
+    judged: list[int] = field(default_factory=list)
+    judged_probs: list[float] = field(default_factory=list)
+    offset: int = 0  # next candidate rank to evaluate
+    chosen: int | None = None  # chosen rank once decided
+    fallback: bool = False
+
+    @property
+    def needs_agent(self) -> bool:
+        return len(self.cands) > 1
+
+
+def _candidate_rows(seqs: list[Sequence]) -> list[_Row]:
+    logits = torch.stack([s.next_logits for s in seqs])  # (B, V)
+    rows: list[_Row | None] = [None] * len(seqs)
+    mara = [i for i, s in enumerate(seqs) if s.agent is not None]
+    if mara:
+        cands = select_candidates_batch(
+            logits[mara], [seqs[i].params.mara_top_k() for i in mara],
+            [seqs[i].params.mara_top_p() for i in mara],
+        )  # fmt: skip
+        for i, c in zip(mara, cands, strict=True):
+            rows[i] = _Row(c.token_ids.tolist(), c.probs.tolist())
+    for i, s in enumerate(seqs):
+        if s.agent is None:
+            rows[i] = _Row([sample_token(logits[i], s.params, s.generator)], [1.0])
+    return rows  # type: ignore[return-value]
+
+
+def decode_step(
+    runner: ModelRunner, seqs: list[Sequence], chunk_size: int | None = None
+) -> list[TokenTrace]:
+    """Advance every sequence by one token; returns the trace of each emitted token."""
+    rows = _candidate_rows(seqs)
+    device = runner.device
+    chosen_hidden: list[torch.Tensor | None] = [None] * len(seqs)
+    first_round = None  # (hidden, scratch_k, scratch_v, index of rank 0 per row)
+    pending = list(range(len(seqs)))
+    while pending:
+        # Pack this round's tokens row-major: row r gets ranks [offset, offset + m).
+        tok, row_of, col_of, spans = [], [], [], {}
+        for r_i, i in enumerate(pending):
+            row = rows[i]
+            m = len(row.cands) if chunk_size is None else chunk_size
+            chunk = row.cands[row.offset : row.offset + m]
+            spans[i] = (len(tok), len(chunk))
+            tok += chunk
+            row_of += [r_i] * len(chunk)
+            col_of += range(len(chunk))
+        kmax = max(n for _, n in spans.values())
+        slots = [seqs[i].slot for i in pending]
+        dense = slots == list(range(len(slots)))
+        hidden, sk, sv = runner.forward_tokens(
+            len(slots) if dense else torch.tensor(slots, device=device),
+            torch.tensor([seqs[i].length for i in pending], device=device),
+            torch.tensor(tok, device=device), torch.tensor(row_of, device=device),
+            torch.tensor(col_of, device=device), kmax,
+        )  # fmt: skip
+        if first_round is None:
+            first_round = (hidden, sk, sv, {i: spans[i][0] for i in pending})
+        accept = _judge(seqs, rows, pending, spans, hidden)
+        decided, still = [], []
+        for i in pending:
+            row, (start, n) = rows[i], spans[i]
+            if not row.needs_agent:
+                row.chosen = 0
+            else:
+                probs = accept[i]
+                first = next((j for j, p in enumerate(probs) if p > 0.5), None)
+                take = n if first is None else first + 1
+                row.judged += row.cands[row.offset : row.offset + take]
+                row.judged_probs += probs[:take]
+                if first is not None:
+                    row.chosen = row.offset + first
+                elif row.offset + n < len(row.cands):
+                    row.offset += n
+                    still.append(i)
+                    continue
+                else:
+                    row.chosen, row.fallback = 0, True
+            if row.fallback:
+                continue  # rank 0 lives in the first round; committed below
+            idx = start + row.chosen - row.offset
+            decided.append((i, idx))
+            chosen_hidden[i] = hidden[idx]
+        _commit(runner, seqs, decided, sk, sv)
+        pending = still
+    fallbacks = [i for i, row in enumerate(rows) if row.fallback]
+    if fallbacks:
+        hidden0, sk0, sv0, rank0 = first_round
+        _commit(runner, seqs, [(i, rank0[i]) for i in fallbacks], sk0, sv0)
+        for i in fallbacks:
+            chosen_hidden[i] = hidden0[rank0[i]]
+    logits = runner.logits(torch.stack(chosen_hidden))  # (B, V)
+    traces = []
+    for i, (s, row) in enumerate(zip(seqs, rows, strict=True)):
+        s.next_logits = logits[i]
+        token = row.cands[row.chosen]
+        traces.append(TokenTrace(
+            token_id=token, num_candidates=len(row.cands), accepted_rank=row.chosen,
+            accept_prob=None if not row.judged or row.fallback else row.judged_probs[-1],
+            fallback=row.fallback, candidates=tuple(row.judged),
+            accept_probs=tuple(row.judged_probs),
+        ))  # fmt: skip
+    return traces
+
+
+def _judge(seqs, rows, pending, spans, hidden) -> dict[int, list[float]]:
+    """One agent call per distinct agent over all its rows' candidate states."""
+    by_agent: dict[int, list[int]] = {}
+    for i in pending:
+        if rows[i].needs_agent:
+            by_agent.setdefault(id(seqs[i].agent), []).append(i)
+    accept: dict[int, list[float]] = {}
+    for members in by_agent.values():
+        agent = seqs[members[0]].agent
+        index = torch.cat([
+            torch.arange(spans[i][0], spans[i][0] + spans[i][1]) for i in members
+        ]).to(hidden.device)  # fmt: skip
+        probs = agent.accept_probs(hidden.index_select(0, index)).tolist()  # (n,) float32
+        pos = 0
+        for i in members:
+            n = spans[i][1]
+            accept[i] = probs[pos : pos + n]
+            pos += n
+    return accept
+
+
+def _commit(runner, seqs, decided, sk, sv) -> None:
+    if not decided:
+        return
+    device = runner.device
+    runner.commit(
+        torch.tensor([seqs[i].slot for i, _ in decided], device=device),
+        torch.tensor([seqs[i].length for i, _ in decided], device=device),
+        sk, sv, torch.tensor([idx for _, idx in decided], device=device),
+    )  # fmt: skip
