@@ -88,3 +88,15 @@ def ensure_default_model(cache_dir: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     return convert_gguf(fetch_gguf(cache_dir), out)
+
+
+DEFAULT_AGENT_NAME = "smollm2-safety"
+# Shipped inside the package so an installed wheel carries it (see agents/README in the card).
+DEFAULT_AGENT_DIR = Path(__file__).parent / "agents" / DEFAULT_AGENT_NAME
+
+
+def default_agents() -> dict[str, Path]:
+    """Agents served by default with the embedded default model (name → agent directory)."""
+    if (DEFAULT_AGENT_DIR / "agent.safetensors").is_file():
+        return {DEFAULT_AGENT_NAME: DEFAULT_AGENT_DIR}
+    return {}
