@@ -63,7 +63,9 @@ class AgentCard:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The card file: the fixed fields, then free-form ones (data, reward, metrics…)."""
+        d = asdict(self)
+        return {**{k: v for k, v in d.items() if k != "extra"}, **d["extra"]}
 
 
 class Agent:
@@ -185,8 +187,9 @@ def load_agent(
         raise AgentLoadError(f"{path.name}: unknown agent format (use .pth, .safetensors or a dir)")
     H, D = _check_state_dict(sd, path.name)
     if card_data.get("hidden_size") not in (None, H):
-        raise AgentLoadError(f"{path.name}: card says hidden_size {card_data['hidden_size']}, "
-                             f"weights have {H}")
+        raise AgentLoadError(
+            f"{path.name}: card says hidden_size {card_data['hidden_size']}, weights have {H}"
+        )
     if expected_hidden_size is not None and H != expected_hidden_size:
         raise AgentLoadError(
             f"{path.name}: agent hidden size {H} does not match the base model's hidden size "
@@ -200,8 +203,11 @@ def load_agent(
         inner_dim=D,
         base_model=card_data.get("base_model"),
         description=card_data.get("description", ""),
-        extra={k: v for k, v in card_data.items()
-               if k not in ("name", "hidden_size", "inner_dim", "base_model", "description")},
+        extra={
+            k: v
+            for k, v in card_data.items()
+            if k not in ("name", "hidden_size", "inner_dim", "base_model", "description")
+        },
     )
     return Agent(network, card, source=str(path)).to(device)
 

@@ -33,6 +33,8 @@ from mara_core.step import decode_step
 
 log = logging.getLogger(__name__)
 
+Result = tuple[list[int], list[TokenTrace], str]  # token ids, traces, finish reason
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -118,6 +120,7 @@ class LLMEngine:
 
     # ---- the loop (engine thread) -------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         outputs = self._apply_aborts()
         outputs += self._admit()
@@ -133,8 +136,12 @@ class LLMEngine:
                 return []
             dropped = [r for r in self._waiting if r.request_id in aborts]
             self._waiting = deque(r for r in self._waiting if r.request_id not in aborts)
-        outs = [RequestOutput(r.request_id, [], [], True, "abort",
-                              num_prompt_tokens=len(r.prompt_token_ids)) for r in dropped]  # fmt: skip
+        outs = [
+            RequestOutput(
+                r.request_id, [], [], True, "abort", num_prompt_tokens=len(r.prompt_token_ids)
+            )
+            for r in dropped
+        ]
         for seq in [s for s in self.running if s.request_id in aborts]:
             seq.finish_reason = "abort"
             outs.append(self._final_output(seq, [], []))
@@ -221,19 +228,18 @@ class LLMEngine:
 
     # ---- convenience --------------------------------------------------------------------
 
-    def generate(self, requests: list[Request]) -> dict[str, tuple[list[int], list[TokenTrace], str]]:
+    def generate(
+        self, requests: list[Request]
+    ) -> dict[str, tuple[list[int], list[TokenTrace], str]]:
         """Run requests to completion (all queued at once); returns id → (ids, traces, reason)."""
-        results: dict[str, tuple[list[int], list[TokenTrace], str]] = {
-            r.request_id: ([], [], "") for r in requests
-        }
+        results: dict[str, Result] = {r.request_id: ([], [], "") for r in requests}
         for r in requests:
             self.add_request(r)
-        with torch.inference_mode():
-            while self.has_work():
-                for out in self.step():
-                    ids, traces, _ = results[out.request_id]
-                    ids += out.new_token_ids
-                    traces += out.traces
-                    if out.finished:
-                        results[out.request_id] = (ids, traces, out.finish_reason or "")
+        while self.has_work():
+            for out in self.step():
+                ids, traces, _ = results[out.request_id]
+                ids += out.new_token_ids
+                traces += out.traces
+                if out.finished:
+                    results[out.request_id] = (ids, traces, out.finish_reason or "")
         return results

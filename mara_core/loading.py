@@ -82,7 +82,9 @@ def _source(cfg: ModelConfig) -> tuple[str, dict, str]:
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no weight-loading bars in server logs or CLI output
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     src, kwargs, name = _source(cfg)
@@ -90,7 +92,11 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
-        hint = " (not found locally; there is no model hub here)" if "local_files_only" in kwargs else ""
+        hint = (
+            " (not found locally; there is no model hub here)"
+            if "local_files_only" in kwargs
+            else ""
+        )
         raise ModelLoadError(f"could not load model {cfg.model or name!r}{hint}: {e}") from None
     model.to(device).eval().requires_grad_(False)
     config = model.config

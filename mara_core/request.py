@@ -52,6 +52,7 @@ class TokenTrace:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["candidates"], d["accept_probs"] = list(self.candidates), list(self.accept_probs)
+        d["evaluated"], d["rejected"] = self.evaluated, self.rejected
         return d
 
 

@@ -146,7 +146,7 @@ class ModelRunner:
         scratch_v: torch.Tensor,
         token_index: torch.Tensor,
     ) -> None:
-        """Keep only the chosen tokens' K/V: token token_index[m] → slot slots[m] at positions[m]."""
+        """Keep only the chosen tokens' K/V: token_index[m] → slot slots[m] at positions[m]."""
         self.cache.commit(slots, positions, scratch_k[:, token_index], scratch_v[:, token_index])
 
     @torch.inference_mode()

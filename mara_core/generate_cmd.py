@@ -1,0 +1,104 @@
+"""`mara generate`: one prompt through the engine (or the serial reference), as text or JSON."""
+
+from __future__ import annotations
+
+import argparse
+
+from mara_core.agent import Agent, load_agent
+from mara_core.cli import columns, default_cache_dir, dumps, new_id
+from mara_core.default_model import default_agents
+from mara_core.engine import EngineConfig, LLMEngine
+from mara_core.loading import LoadedModel, ModelConfig, load_model, render_chat
+from mara_core.reference import reference_generate
+from mara_core.request import Request, TokenTrace
+from mara_core.sampling import SamplingParams
+
+
+def _resolve_agent(args: argparse.Namespace, lm: LoadedModel) -> Agent | None:
+    if args.no_agent:
+        return None
+    path = args.agent
+    if path is None and args.model is None:
+        shipped = default_agents()
+        path = next(iter(shipped.values()), None)
+    if path is None:
+        return None
+    return load_agent(path, expected_hidden_size=lm.hidden_size, device=lm.device)
+
+
+def _result(lm: LoadedModel, ids: list[int], traces: list[TokenTrace], reason: str) -> dict:
+    tok = lm.tokenizer
+    return {
+        "text": tok.decode(ids, skip_special_tokens=True),
+        "token_ids": ids,
+        "finish_reason": reason,
+        "trace": [dict(t.to_json(), token=tok.decode([t.token_id]),
+                       candidate_tokens=[tok.decode([c]) for c in t.candidates])
+                  for t in traces],
+    }  # fmt: skip
+
+
+def _decode(lm, prompt_ids, agents: dict[str, Agent | None], params, reference: bool) -> dict:
+    if reference:
+        out = {}
+        for label, agent in agents.items():
+            ids, traces = reference_generate(lm.model, prompt_ids, agent, params, lm.eos_token_ids)
+            reason = "stop" if ids and ids[-1] in lm.eos_token_ids else "length"
+            out[label] = _result(lm, ids, traces, reason)
+        return out
+    engine = LLMEngine(lm, EngineConfig(max_running=max(1, len(agents))))
+    reqs = {label: Request(new_id(), prompt_ids, params, agent) for label, agent in agents.items()}
+    results = engine.generate(list(reqs.values()))
+    return {label: _result(lm, *results[r.request_id]) for label, r in reqs.items()}
+
+
+def _print_trace(result: dict) -> None:
+    """One line per token where the agent rejected something."""
+    for i, t in enumerate(result["trace"]):
+        if not t["rejected"]:
+            continue
+        rejected = t["candidate_tokens"][: t["rejected"]]
+        how = "FALLBACK to top-1" if t["fallback"] else f"accepted rank {t['accepted_rank']}"
+        p = "" if t["accept_prob"] is None else f" (p_accept {t['accept_prob']:.2f})"
+        print(
+            f"  #{i:<4} {t['token']!r:<16} {how}{p} of {t['num_candidates']}; rejected {rejected!r}"
+        )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    cfg = ModelConfig(model=args.model, device=args.device, dtype=args.dtype,
+                      cache_dir=args.cache_dir or default_cache_dir())  # fmt: skip
+    lm = load_model(cfg)
+    agent = _resolve_agent(args, lm)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    prompt_ids = render_chat(lm.tokenizer, messages)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                            top_p=args.top_p, temperature=0.0)  # fmt: skip
+    if args.compare:
+        if agent is None:
+            raise SystemExit("error: --compare needs an agent (--agent PATH)")
+        agents = {"base": None, "aligned": agent}
+    else:
+        agents = {"aligned" if agent else "base": agent}
+    out = _decode(lm, prompt_ids, agents, params, args.reference)
+    if args.json:
+        print(dumps(out if args.compare else next(iter(out.values()))))
+        return 0
+    if args.compare:
+        print(columns(out["base"]["text"], out["aligned"]["text"],
+                      (f"base ({lm.name})", f"aligned (agent {agent.name})")))  # fmt: skip
+    else:
+        print(next(iter(out.values()))["text"])
+    if args.trace and agent is not None:
+        res = out["aligned"]
+        judged = sum(1 for t in res["trace"] if t["num_candidates"] > 1)
+        fallbacks = sum(t["fallback"] for t in res["trace"])
+        rejections = sum(t["rejected"] for t in res["trace"])
+        print(
+            f"\ntrace: {len(res['trace'])} tokens, {judged} judged by the agent, "
+            f"{rejections} candidates rejected, {fallbacks} fallbacks"
+        )
+        _print_trace(res)
+    return 0

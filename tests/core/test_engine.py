@@ -1,0 +1,170 @@
+"""Engine behaviour: admission, limits, abort, stop tokens, sampling, fault isolation, async face."""
+
+import asyncio
+
+import pytest
+import torch
+
+from mara_core.async_engine import AsyncEngine
+from mara_core.engine import EngineConfig, LLMEngine
+from mara_core.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
+from mara_core.reference import reference_generate
+from mara_core.request import Request
+from mara_core.sampling import SamplingParams
+
+
+def run_all(engine: LLMEngine) -> dict:
+    got: dict = {}
+    while engine.has_work():
+        for out in engine.step():
+            ids, finals = got.setdefault(out.request_id, ([], []))
+            ids += out.new_token_ids
+            if out.finished:
+                finals.append(out)
+    return got
+
+
+def test_prompt_plus_max_tokens_beyond_context_is_refused_not_truncated(tiny_lm):
+    engine = LLMEngine(tiny_lm, EngineConfig())
+    with pytest.raises(ContextLengthExceededError, match="maximum context length is 256"):
+        engine.add_request(Request("a", [0] * 200, SamplingParams(max_new_tokens=57)))
+    engine.add_request(Request("b", [0] * 200, SamplingParams(max_new_tokens=56)))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.add_request(Request("c", [], SamplingParams()))
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        engine.add_request(Request("d", [0, 128], SamplingParams()))
+
+
+def test_bounded_waiting_queue(tiny_lm):
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=1, max_waiting=2))
+    params = SamplingParams(max_new_tokens=8)
+    engine.add_request(Request("a", [0, 1], params))
+    engine.add_request(Request("b", [0, 1], params))
+    with pytest.raises(QueueFullError):
+        engine.add_request(Request("c", [0, 1], params))
+    engine.step()  # "a" is admitted, which frees a waiting place
+    engine.add_request(Request("c", [0, 1], params))
+
+
+def test_every_request_ends_exactly_once_and_slots_are_freed(tiny_lm, agents):
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=3))
+    for i in range(7):
+        engine.add_request(Request(str(i), [0, 5 + i], SamplingParams(max_new_tokens=3 + i),
+                                   agents["half"] if i % 2 else None))  # fmt: skip
+    got = run_all(engine)
+    assert sorted(got) == [str(i) for i in range(7)]
+    for rid, (ids, finals) in got.items():
+        assert len(finals) == 1 and finals[0].finish_reason in ("stop", "length")
+        assert finals[0].num_generated_tokens == len(ids)
+    assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+def test_abort_waiting_and_running_requests(tiny_lm):
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=1))
+    params = SamplingParams(max_new_tokens=50, ignore_eos=True)
+    engine.add_request(Request("run", [0, 5], params))
+    engine.add_request(Request("wait", [0, 6], params))
+    engine.step()
+    engine.step()
+    engine.abort("run")
+    engine.abort("wait")
+    outs = engine.step()
+    reasons = {o.request_id: o.finish_reason for o in outs if o.finished}
+    assert reasons == {"run": "abort", "wait": "abort"}
+    assert not engine.has_work() and engine.num_running == 0
+
+
+def test_stop_token_ids_end_generation_with_the_token_included(tiny_lm):
+    params = SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    free, _ = reference_generate(tiny_lm.model, [0, 5, 6], None, params)
+    stop_at = free[4]
+    engine = LLMEngine(tiny_lm)
+    stopped = SamplingParams(max_new_tokens=30, temperature=0.0, stop_token_ids=(stop_at,),
+                             ignore_eos=True)  # fmt: skip
+    ids, _, reason = engine.generate([Request("s", [0, 5, 6], stopped)])["s"]
+    assert reason == "stop" and ids == free[: free.index(stop_at) + 1]
+
+
+def test_plain_sampling_is_reproducible_with_a_seed_and_independent_of_neighbours(tiny_lm):
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, seed=123, ignore_eos=True)
+    alone = LLMEngine(tiny_lm).generate([Request("a", [0, 7], params)])["a"][0]
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=4))
+    other = SamplingParams(max_new_tokens=20, temperature=1.5, seed=9, ignore_eos=True)
+    res = engine.generate([Request("x", [0, 9], other), Request("a", [0, 7], params),
+                           Request("y", [0, 3, 4], other)])  # fmt: skip
+    assert res["a"][0] == alone
+    greedy = SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True)
+    g = LLMEngine(tiny_lm).generate([Request("g", [0, 7], greedy)])["g"][0]
+    assert g == reference_generate(tiny_lm.model, [0, 7], None, greedy)[0]
+    assert g != alone  # sampling at temperature 1 differs from greedy on this peaked model
+
+
+def test_trace_is_present_for_every_token(tiny_lm, agents):
+    ids, traces, _ = LLMEngine(tiny_lm).generate(
+        [Request("t", [0, 5], SamplingParams(max_new_tokens=12), agents["half"])]
+    )["t"]
+    assert [t.token_id for t in traces] == ids
+    for t in traces:
+        assert 1 <= t.num_candidates <= 40
+        if t.fallback:
+            assert t.accepted_rank == 0 and all(p <= 0.5 for p in t.accept_probs)
+        elif t.num_candidates > 1:
+            assert t.accept_prob > 0.5 and t.candidates[-1] == t.token_id
+            assert all(p <= 0.5 for p in t.accept_probs[:-1])
+    assert any(t.rejected for t in traces)
+
+
+class _BrokenAgent:
+    """Behaves like an agent until asked to judge, then raises."""
+
+    def __init__(self, agent):
+        self.card, self.hidden_size, self.name = agent.card, agent.hidden_size, "broken"
+
+    def accept_probs(self, states):
+        raise RuntimeError("agent exploded")
+
+
+def test_a_failing_request_fails_alone_and_the_others_finish(tiny_lm, agents):
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=4))
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    reqs = [Request("ok1", [0, 5], params, agents["half"]),
+            Request("bad", [0, 6], params, _BrokenAgent(agents["half"])),
+            Request("ok2", [0, 7], params, None)]  # fmt: skip
+    got = run_all_requests(engine, reqs)
+    assert got["bad"][1][0].finish_reason == "error" and "exploded" in got["bad"][1][0].error
+    for rid in ("ok1", "ok2"):
+        want, _ = reference_generate(tiny_lm.model, reqs[0 if rid == "ok1" else 2].prompt_token_ids,
+                                     reqs[0 if rid == "ok1" else 2].agent, params, (1,))  # fmt: skip
+        assert got[rid][0] == want and got[rid][1][0].finish_reason in ("stop", "length")
+    assert engine.num_running == 0
+
+
+def run_all_requests(engine, reqs):
+    for r in reqs:
+        engine.add_request(r)
+    return run_all(engine)
+
+
+def test_async_engine_streams_and_cancel_aborts(tiny_lm, agents):
+    async def main():
+        engine = AsyncEngine(LLMEngine(tiny_lm, EngineConfig(max_running=2)))
+        engine.start()
+        params = SamplingParams(max_new_tokens=10)
+        done = await engine.generate_all(Request("a", [0, 5], params, agents["half"]))
+        want, _ = reference_generate(tiny_lm.model, [0, 5], agents["half"], params, (1,))
+        assert done.new_token_ids == want
+        long = SamplingParams(max_new_tokens=200, ignore_eos=True)
+        stream = engine.generate(Request("b", [0, 6], long))
+        async for _ in stream:
+            break
+        await stream.aclose()  # the consumer goes away (a client disconnect)
+        for _ in range(100):
+            if engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats()["running"] == 0
+        engine.shutdown(timeout=1)
+        assert not engine.is_alive()
+
+    with torch.inference_mode():
+        asyncio.run(main())
