@@ -126,10 +126,13 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise AgentLoadError(
-            f"{path.name}: refused: the file contains objects other than tensors "
-            f"(only weights-only state_dicts are loaded): {str(e).splitlines()[0]}"
-        ) from None
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise AgentLoadError(
+                f"{path.name}: refused: the file contains objects other than tensors "
+                "(only weights-only state_dicts are loaded; nothing in it was executed)"
+            ) from None
+        raise AgentLoadError(f"{path.name}: corrupt or truncated agent file: "
+                             f"{str(e).splitlines()[0][:200]}") from None  # fmt: skip
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise AgentLoadError(f"{path.name}: corrupt or truncated agent file: {e}") from None
 

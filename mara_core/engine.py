@@ -27,7 +27,7 @@ from mara_core.errors import (
 )
 from mara_core.loading import LoadedModel
 from mara_core.request import Request, RequestOutput, TokenTrace
-from mara_core.runner import ModelRunner
+from mara_core.runner import MAX_CANDIDATES, ModelRunner
 from mara_core.sequence import Sequence
 from mara_core.step import decode_step
 
@@ -74,6 +74,8 @@ class LLMEngine:
                 f"requested ({total}); shorten the prompt or lower max_tokens", "messages",
             )  # fmt: skip
         agent = request.agent
+        if agent is not None and request.params.mara_top_k() > MAX_CANDIDATES:
+            raise InvalidRequestError(f"top_k must be <= {MAX_CANDIDATES} with an agent", "top_k")
         if agent is not None and agent.hidden_size != self.lm.hidden_size:
             raise InvalidRequestError(
                 f"agent {agent.name!r} has hidden size {agent.hidden_size}, model has "

@@ -1,7 +1,8 @@
 """A preallocated KV cache with one slot per running sequence.
 
 Layout: keys and values are (L, S, Hkv, C, d) tensors (layers, slots, kv heads, capacity, head
-dim). Slot s holds sequence s's prefix at positions [0, length). Capacity grows by doubling up
+dim). Slot s holds sequence s's prefix at positions [0, length); positions past the length are
+scratch (a step's candidates) and are never read unmasked. Capacity grows by doubling up
 to the model's context length, so short requests never pay for a full-context allocation.
 
 Invariants: the engine keeps running sequences in slots 0..B-1 (dense), so a decode step reads
@@ -39,12 +40,6 @@ class KVCache:
             values[:, :, :, : self.capacity] = self.values
         self.keys, self.values, self.capacity = keys, values, new_cap
 
-    def write_prefix(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v (Hkv, T, d) → positions [0, T) of `slot`."""
-        T = k.shape[1]
-        self.keys[layer, slot, :, :T] = k
-        self.values[layer, slot, :, :T] = v
-
     def prefix(self, layer: int, slots: torch.Tensor | int, length: int):
         """Keys and values (R, Hkv, T, d) of the first `length` positions of `slots`.
 
@@ -55,13 +50,11 @@ class KVCache:
         return (self.keys[layer].index_select(0, slots)[:, :, :length],
                 self.values[layer].index_select(0, slots)[:, :, :length])  # fmt: skip
 
-    def commit(
-        self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> None:
-        """Write one token per slot: k, v (L, M, Hkv, d) → slot slots[m], position positions[m]."""
+    def move_positions(self, slots: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """In every layer, copy position src[m] of slot slots[m] to position dst[m]."""
         # Advanced indices separated by a slice put the indexed dim first: (M, L, Hkv, d).
-        self.keys[:, slots, :, positions] = k.transpose(0, 1)
-        self.values[:, slots, :, positions] = v.transpose(0, 1)
+        self.keys[:, slots, :, dst] = self.keys[:, slots, :, src]
+        self.values[:, slots, :, dst] = self.values[:, slots, :, src]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot src's first `length` positions into slot dst."""

@@ -1,36 +1,81 @@
 """The lean model runner: prefill and candidate forwards over a preallocated KV cache.
 
-It runs the layers of a Llama-family model (llama, mistral, qwen2, qwen3) from the model's own
-modules, but owns the attention and the cache so that one forward can score many candidates per
-row (DESIGN.md, "The decode step"):
+It runs a Llama-family model (llama, mistral, qwen2, qwen3) with the model's own weights but
+its own attention and cache, so that one forward scores many candidates of many rows
+(DESIGN.md, "The decode step"):
 
-- `forward_tokens` takes a packed list of N tokens, each belonging to a row (a cache slot) at
-  that row's next position. Every token attends to its row's prefix and to itself only — the
-  tree mask of speculative decoding, built without materialising the mask: the prefix scores
-  and the self score are computed separately and share one softmax. So the final hidden state
-  of candidate j equals a separate forward of prefix + c_j (MARA_SPEC.md §2, cache-sharing trap).
-- Nothing is written to the cache during the forward; the per-layer K/V of every token go to a
-  scratch buffer, and `commit` copies only each row's chosen token into the cache (compaction).
+- `forward_tokens` takes N packed tokens; token i belongs to row r(i) (a cache slot) and is the
+  candidate of rank j(i). All candidates of a row sit at the same position id (the row's
+  length, MARA_SPEC.md §2), and each one's K/V is stored at cache position `length + rank`.
+  The mask lets a candidate see the row's prefix and its own position only — the tree mask of
+  speculative decoding — so its final hidden state equals a separate forward of prefix + c_j
+  (the spec's cache-sharing trap cannot happen).
+- `commit` keeps only each row's chosen candidate: its K/V move from `length + rank` to
+  `length` (compaction). Positions past a row's length are scratch and are always masked.
 - `logits` runs the LM head only on the hidden states it is given (the chosen ones).
 
-Shapes: N packed tokens, R rows, Kmax max tokens of a row, Hq/Hkv heads, g = Hq/Hkv, d head dim.
+Speed (gpt-fast style): q/k/v and gate/up projections run as one fused matmul each (the model's
+own modules are re-pointed at views of the fused weight, so nothing is duplicated); RMSNorm is
+`F.rms_norm`; RoPE runs once on q and k together from a precomputed cos/sin table. On CPU the
+per-op overhead of ~40 small ops per layer was a large share of a decode step.
+
+Shapes: N packed tokens, R rows, K max tokens per row, S keys, Hq/Hkv heads, g = Hq/Hkv.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mara_core.errors import UnsupportedModelError
 from mara_core.kv_cache import KVCache
 from mara_core.loading import LoadedModel
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MAX_CANDIDATES = 256  # the largest top_k a MARA step may use (scratch positions per row)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of linears sharing an input; re-point each module
+    at a view of the fused tensor so the model holds one copy and still works on its own."""
+    weight = torch.cat([m.weight.data for m in linears])
+    has_bias = linears[0].bias is not None
+    bias = torch.cat([m.bias.data for m in linears]) if has_bias else None
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        if has_bias:
+            m.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+        start += n
+    return weight, bias
+
+
+class _Layer:
+    """The tensors of one decoder layer, fused for the hot loop."""
+
+    def __init__(self, layer: nn.Module, has_qk_norm: bool):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.ln1_w, self.ln1_eps = layer.input_layernorm.weight, _eps(layer.input_layernorm)
+        self.ln2_w, self.ln2_eps = (layer.post_attention_layernorm.weight,
+                                    _eps(layer.post_attention_layernorm))  # fmt: skip
+        self.qkv_w, self.qkv_b = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = attn.o_proj
+        self.gate_up_w, self.gate_up_b = _fuse_linears([mlp.gate_proj, mlp.up_proj])
+        self.down = mlp.down_proj
+        self.act = mlp.act_fn
+        self.q_norm = attn.q_norm if has_qk_norm else None
+        self.k_norm = attn.k_norm if has_qk_norm else None
+
+
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
 class ModelRunner:
@@ -43,32 +88,33 @@ class ModelRunner:
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         self.lm = lm
-        self.model = model
-        self.layers = list(model.model.layers)
-        self.norm = model.model.norm
-        self.embed = model.model.embed_tokens
-        self.lm_head = model.get_output_embeddings()
-        attn = self.layers[0].self_attn
+        attn = model.model.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.groups = self.num_heads // self.num_kv_heads
         self.scale = attn.scaling
-        self.has_qk_norm = hasattr(attn, "q_norm")
+        has_qk_norm = hasattr(attn, "q_norm")
+        self.layers = [_Layer(layer, has_qk_norm) for layer in model.model.layers]
+        self.norm_w, self.norm_eps = model.model.norm.weight, _eps(model.model.norm)
+        self.embed = model.model.embed_tokens
+        self.lm_head = model.get_output_embeddings()
         self.device, self.dtype = lm.device, lm.dtype
         max_len = lm.max_model_len
         window = getattr(cfg, "sliding_window", None)
         if window and getattr(cfg, "use_sliding_window", True):
             max_len = min(max_len, window)  # within the window, sliding == full attention
         self.max_len = max_len
+        # Room past the longest sequence for the candidates of a step (rank < MAX_CANDIDATES).
         self.cache = KVCache(len(self.layers), max_slots, self.num_kv_heads, self.head_dim,
-                             max_len, self.dtype, self.device)  # fmt: skip
-        # cos/sin for every position, computed once by the model's own rotary module (which
-        # knows its scaling variant); a step then only indexes the table.
+                             max_len + MAX_CANDIDATES, self.dtype, self.device)  # fmt: skip
+        # cos/sin for every position from the model's own rotary module (it knows its scaling
+        # variant); a step then only indexes the table.
         with torch.inference_mode():
             dummy = torch.zeros(1, dtype=self.dtype, device=self.device)
-            pos = torch.arange(max_len, device=self.device)[None]
-            cos, sin = model.model.rotary_emb(dummy, pos)
+            cos, sin = model.model.rotary_emb(
+                dummy, torch.arange(max_len, device=self.device)[None]
+            )
         self.cos, self.sin = cos[0], sin[0]  # (max_len, d)
 
     # ---- phases -------------------------------------------------------------------------
@@ -78,20 +124,22 @@ class ModelRunner:
         """Run a prompt into `slot`; returns the final hidden state (H,) of its last token."""
         T = len(token_ids)
         self.cache.ensure_capacity(T + 1)
-        ids = torch.tensor(token_ids, device=self.device)
-        x = self.embed(ids)  # (T, H)
+        x = self.embed(torch.tensor(token_ids, device=self.device))  # (T, H)
         cos, sin = self.cos[:T, None], self.sin[:T, None]  # (T, 1, d)
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            q, k, v = self._qkv(layer.self_attn, h, cos, sin)  # (T, H*, d)
-            q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-            self.cache.write_prefix(i, slot, k[0], v[0])
+            q, k, v = self._qkv(layer, x, cos, sin)  # (T, H*, d)
+            self.cache.keys[i, slot, :, :T] = k.transpose(0, 1)
+            self.cache.values[i, slot, :, :T] = v.transpose(0, 1)
             o = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.groups > 1
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                is_causal=True,
+                scale=self.scale,
+                enable_gqa=self.groups > 1,
             )  # (1, Hq, T, d)
-            x = x + layer.self_attn.o_proj(o[0].transpose(0, 1).reshape(T, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x[-1])
+            x = self._attn_out_and_mlp(layer, x, o[0].transpose(0, 1).reshape(T, -1))
+        return F.rms_norm(x[-1], x.shape[-1:], self.norm_w, self.norm_eps)
 
     @torch.inference_mode()
     def forward_tokens(
@@ -102,52 +150,43 @@ class ModelRunner:
         row_of: torch.Tensor,
         col_of: torch.Tensor,
         kmax: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Score N packed tokens, each at its row's next position, attending prefix + itself.
+        rank_of: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Score N packed tokens (row-major), each a candidate at its row's next position.
 
-        rows: int R (dense slots 0..R-1) or a (R,) tensor of slots; lengths (R,) prefix lengths;
-        token_ids/row_of/col_of (N,) packed row-major. Returns final hidden states (N, H) and
-        the scratch K/V (L, N, Hkv, d) for `commit`.
+        rows: int R (the dense slots 0..R-1) or a (R,) tensor of slots; lengths (R,) prefix
+        lengths; token_ids/row_of/col_of (N,): token, its row, its column in the padded
+        (R, kmax) grid; rank_of (N,): its candidate rank (default: col_of), which picks its
+        scratch cache position `length + rank`. Returns final hidden states (N, H).
         """
         R = rows if isinstance(rows, int) else int(rows.numel())
+        slots = torch.arange(R, device=self.device) if isinstance(rows, int) else rows
         N = int(token_ids.numel())
-        T = int(lengths.max())
-        self.cache.ensure_capacity(T + 1)
-        positions = lengths[row_of]  # (N,)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (N, 1, d)
-        # Additive mask over the padded prefix: position t is visible to row r iff t < length.
-        prefix_bias = torch.zeros(R, 1, 1, T, dtype=self.dtype, device=self.device)
-        prefix_bias.masked_fill_(
-            torch.arange(T, device=self.device)[None, None, None] >= lengths[:, None, None, None],
-            float("-inf"),
-        )
-        dense = N == R * kmax  # every row has kmax tokens: the packed order is the padded order
-        flat_index = None if dense else row_of * kmax + col_of
-        L = len(self.layers)
-        scratch_k = torch.empty(L, N, self.num_kv_heads, self.head_dim, dtype=self.dtype,
-                                device=self.device)  # fmt: skip
-        scratch_v = torch.empty_like(scratch_k)
+        rank_of = col_of if rank_of is None else rank_of
+        store_pos = lengths[row_of] + rank_of  # (N,) where each token's K/V are written
+        S = int(store_pos.max()) + 1  # keys the step reads
+        self.cache.ensure_capacity(S)
+        cos, sin = self.cos[lengths[row_of]][:, None], self.sin[lengths[row_of]][:, None]
+        mask = self._tree_mask(R, kmax, S, lengths, row_of, col_of, store_pos)  # (R,1,gK,S)
+        dense = N == R * kmax  # every row has kmax tokens: packed order == padded order
+        flat = None if dense else row_of * kmax + col_of
+        token_slots = slots[row_of]
         x = self.embed(token_ids)  # (N, H)
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            q, k, v = self._qkv(layer.self_attn, h, cos, sin)
-            scratch_k[i], scratch_v[i] = k, v
-            k_pre, v_pre = self.cache.prefix(i, rows, T)
-            o = self._attend(q, k, v, k_pre, v_pre, prefix_bias, R, kmax, flat_index)
-            x = x + layer.self_attn.o_proj(o)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x), scratch_k, scratch_v
+            q, k, v = self._qkv(layer, x, cos, sin)
+            self.cache.keys[i, token_slots, :, store_pos] = k  # (N, Hkv, d)
+            self.cache.values[i, token_slots, :, store_pos] = v
+            k_all, v_all = self.cache.prefix(i, rows, S)  # (R, Hkv, S, d)
+            o = self._attend(q, k_all, v_all, mask, R, kmax, flat)
+            x = self._attn_out_and_mlp(layer, x, o)
+        return F.rms_norm(x, x.shape[-1:], self.norm_w, self.norm_eps)
 
-    def commit(
-        self,
-        slots: torch.Tensor,
-        positions: torch.Tensor,
-        scratch_k: torch.Tensor,
-        scratch_v: torch.Tensor,
-        token_index: torch.Tensor,
-    ) -> None:
-        """Keep only the chosen tokens' K/V: token_index[m] → slot slots[m] at positions[m]."""
-        self.cache.commit(slots, positions, scratch_k[:, token_index], scratch_v[:, token_index])
+    def commit(self, slots: torch.Tensor, lengths: torch.Tensor, ranks: torch.Tensor) -> None:
+        """Keep each row's chosen candidate: its K/V move from length + rank to length."""
+        moving = ranks != 0  # rank 0 already sits at `length`
+        if bool(moving.any()):
+            self.cache.move_positions(slots[moving], lengths[moving] + ranks[moving],
+                                      lengths[moving])  # fmt: skip
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -156,35 +195,43 @@ class ModelRunner:
 
     # ---- pieces -------------------------------------------------------------------------
 
-    def _qkv(self, attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        n = h.shape[0]
-        q = attn.q_proj(h).view(n, self.num_heads, self.head_dim)
-        k = attn.k_proj(h).view(n, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(h).view(n, self.num_kv_heads, self.head_dim)
-        if self.has_qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
+    def _qkv(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        n, Hq, Hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        h = F.rms_norm(x, x.shape[-1:], layer.ln1_w, layer.ln1_eps)
+        qkv = F.linear(h, layer.qkv_w, layer.qkv_b).view(n, Hq + 2 * Hkv, d)
+        qk, v = qkv[:, : Hq + Hkv], qkv[:, Hq + Hkv :]
+        if layer.q_norm is not None:
+            qk = torch.cat((layer.q_norm(qk[:, :Hq]), layer.k_norm(qk[:, Hq:])), dim=1)
+        qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k in one go
+        return qk[:, :Hq], qk[:, Hq:], v
 
-    def _attend(self, q, k, v, k_pre, v_pre, prefix_bias, R: int, kmax: int, flat_index):
-        """Tree attention: token j of row r sees row r's prefix and itself. Returns (N, Hq*d)."""
+    def _attn_out_and_mlp(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor):
+        x = x + layer.o(attn)
+        h = F.rms_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_eps)
+        gate, up = F.linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
+        return x + layer.down(layer.act(gate) * up)
+
+    def _tree_mask(self, R, kmax, S, lengths, row_of, col_of, store_pos) -> torch.Tensor:
+        """Additive mask (R, 1, g*kmax, S): grid cell (r, c) sees t < length_r and its own
+        store position. Empty grid cells see the prefix only (no NaN rows)."""
+        t = torch.arange(S, device=self.device)
+        visible = (t[None, None] < lengths[:, None, None]).expand(R, kmax, S).clone()
+        visible[row_of, col_of, store_pos] = True
+        bias = torch.zeros(R, kmax, S, dtype=self.dtype, device=self.device)
+        bias.masked_fill_(~visible, float("-inf"))
+        # q rows are laid out (g, kmax) per kv head: repeat the mask over the g query heads.
+        return bias[:, None, None].expand(R, 1, self.groups, kmax, S).reshape(R, 1, -1, S)
+
+    def _attend(self, q, k_all, v_all, mask, R: int, kmax: int, flat) -> torch.Tensor:
+        """q (N, Hq, d) against each row's keys (R, Hkv, S, d) under `mask`. → (N, Hq*d)."""
         Hkv, g, d = self.num_kv_heads, self.groups, self.head_dim
-        if flat_index is not None:  # scatter the packed tokens into the padded (R, Kmax) grid
-            q = q.new_zeros(R * kmax, *q.shape[1:]).index_copy_(0, flat_index, q)
-            k = k.new_zeros(R * kmax, *k.shape[1:]).index_copy_(0, flat_index, k)
-            v = v.new_zeros(R * kmax, *v.shape[1:]).index_copy_(0, flat_index, v)
+        if flat is not None:  # scatter the packed tokens into the padded (R, kmax) grid
+            q = q.new_zeros(R * kmax, *q.shape[1:]).index_copy_(0, flat, q)
         # q head h uses kv head h // g (transformers' repeat_kv order).
-        qg = q.view(R, kmax, Hkv, g, d).permute(0, 2, 3, 1, 4)  # (R, Hkv, g, Kmax, d)
-        kg = k.view(R, kmax, Hkv, d).transpose(1, 2)  # (R, Hkv, Kmax, d)
-        vg = v.view(R, kmax, Hkv, d).transpose(1, 2)
-        q2 = qg.reshape(R, Hkv, g * kmax, d)
-        s_pre = torch.matmul(q2, k_pre.transpose(-1, -2)) * self.scale + prefix_bias
-        s_self = (qg * kg[:, :, None]).sum(-1).reshape(R, Hkv, g * kmax, 1) * self.scale
+        q = q.view(R, kmax, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(R, Hkv, g * kmax, d)
+        s = torch.matmul(q, k_all.transpose(-1, -2)) * self.scale + mask  # (R, Hkv, gK, S)
         # softmax in float32 (a no-op on CPU; keeps bf16/fp16 GPU runs close to the reference)
-        p = torch.softmax(torch.cat((s_pre, s_self), dim=-1).float(), dim=-1).to(q.dtype)
-        T = k_pre.shape[2]
-        o = torch.matmul(p[..., :T], v_pre)  # (R, Hkv, gK, d)
-        o = o.view(R, Hkv, g, kmax, d) + p[..., T:].view(R, Hkv, g, kmax, 1) * vg[:, :, None]
-        o = o.permute(0, 3, 1, 2, 4).reshape(R * kmax, Hkv * g * d)  # (R*Kmax, Hq*d)
-        return o if flat_index is None else o.index_select(0, flat_index)
+        p = torch.softmax(s.float(), dim=-1).to(q.dtype)  # (R, Hkv, gK, S)
+        o = torch.matmul(p, v_all)  # (R, Hkv, gK, d)
+        o = o.view(R, Hkv, g, kmax, d).permute(0, 3, 1, 2, 4).reshape(R * kmax, Hkv * g * d)
+        return o if flat is None else o.index_select(0, flat)

@@ -66,11 +66,11 @@ def decode_step(
     rows = _candidate_rows(seqs)
     device = runner.device
     chosen_hidden: list[torch.Tensor | None] = [None] * len(seqs)
-    first_round = None  # (hidden, scratch_k, scratch_v, index of rank 0 per row)
+    rank0_hidden: dict[int, torch.Tensor] = {}  # first-round states of rank 0 (fallback)
     pending = list(range(len(seqs)))
     while pending:
         # Pack this round's tokens row-major: row r gets ranks [offset, offset + m).
-        tok, row_of, col_of, spans = [], [], [], {}
+        tok, row_of, col_of, rank_of, spans = [], [], [], [], {}
         for r_i, i in enumerate(pending):
             row = rows[i]
             m = len(row.cands) if chunk_size is None else chunk_size
@@ -79,21 +79,24 @@ def decode_step(
             tok += chunk
             row_of += [r_i] * len(chunk)
             col_of += range(len(chunk))
-        kmax = max(n for _, n in spans.values())
+            rank_of += range(row.offset, row.offset + len(chunk))
         slots = [seqs[i].slot for i in pending]
         dense = slots == list(range(len(slots)))
-        hidden, sk, sv = runner.forward_tokens(
+        hidden = runner.forward_tokens(
             len(slots) if dense else torch.tensor(slots, device=device),
             torch.tensor([seqs[i].length for i in pending], device=device),
-            torch.tensor(tok, device=device), torch.tensor(row_of, device=device),
-            torch.tensor(col_of, device=device), kmax,
-        )  # fmt: skip
-        if first_round is None:
-            first_round = (hidden, sk, sv, {i: spans[i][0] for i in pending})
+            torch.tensor(tok, device=device),
+            torch.tensor(row_of, device=device),
+            torch.tensor(col_of, device=device),
+            max(n for _, n in spans.values()),
+            torch.tensor(rank_of, device=device),
+        )  # (N, H)
         accept = _judge(seqs, rows, pending, spans, hidden)
-        decided, still = [], []
+        still = []
         for i in pending:
             row, (start, n) = rows[i], spans[i]
+            if row.offset == 0:
+                rank0_hidden[i] = hidden[start]
             if not row.needs_agent:
                 row.chosen = 0
             else:
@@ -105,31 +108,28 @@ def decode_step(
                 if first is not None:
                     row.chosen = row.offset + first
                 elif row.offset + n < len(row.cands):
-                    row.offset += n
+                    row.offset += n  # all of this chunk rejected: judge the next one
                     still.append(i)
                     continue
-                else:
+                else:  # all rejected: emit the top-1 (default_action_idx = 0, MARA_SPEC.md §3)
                     row.chosen, row.fallback = 0, True
-            if row.fallback:
-                continue  # rank 0 lives in the first round; committed below
-            idx = start + row.chosen - row.offset
-            decided.append((i, idx))
-            chosen_hidden[i] = hidden[idx]
-        _commit(runner, seqs, decided, sk, sv)
+            chosen_hidden[i] = (
+                hidden[start + row.chosen - row.offset] if not row.fallback else rank0_hidden[i]
+            )
         pending = still
-    fallbacks = [i for i, row in enumerate(rows) if row.fallback]
-    if fallbacks:
-        hidden0, sk0, sv0, rank0 = first_round
-        _commit(runner, seqs, [(i, rank0[i]) for i in fallbacks], sk0, sv0)
-        for i in fallbacks:
-            chosen_hidden[i] = hidden0[rank0[i]]
+    # Keep only the chosen candidates' K/V; the LM head runs on the chosen states only.
+    runner.commit(
+        torch.tensor([s.slot for s in seqs], device=device),
+        torch.tensor([s.length for s in seqs], device=device),
+        torch.tensor([row.chosen for row in rows], device=device),
+    )
     logits = runner.logits(torch.stack(chosen_hidden))  # (B, V)
     traces = []
     for i, (s, row) in enumerate(zip(seqs, rows, strict=True)):
         s.next_logits = logits[i]
-        token = row.cands[row.chosen]
         traces.append(TokenTrace(
-            token_id=token, num_candidates=len(row.cands), accepted_rank=row.chosen,
+            token_id=row.cands[row.chosen], num_candidates=len(row.cands),
+            accepted_rank=row.chosen,
             accept_prob=None if not row.judged or row.fallback else row.judged_probs[-1],
             fallback=row.fallback, candidates=tuple(row.judged),
             accept_probs=tuple(row.judged_probs),
@@ -156,14 +156,3 @@ def _judge(seqs, rows, pending, spans, hidden) -> dict[int, list[float]]:
             accept[i] = probs[pos : pos + n]
             pos += n
     return accept
-
-
-def _commit(runner, seqs, decided, sk, sv) -> None:
-    if not decided:
-        return
-    device = runner.device
-    runner.commit(
-        torch.tensor([seqs[i].slot for i, _ in decided], device=device),
-        torch.tensor([seqs[i].length for i, _ in decided], device=device),
-        sk, sv, torch.tensor([idx for _, idx in decided], device=device),
-    )  # fmt: skip

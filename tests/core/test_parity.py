@@ -25,7 +25,7 @@ def test_tree_masked_states_equal_separate_forwards(tiny_lm):
         runner.prefill(slot, p)
     tokens = torch.tensor(cands[0] + cands[1])
     row_of, col_of = torch.tensor([0, 0, 0, 0, 1, 1]), torch.tensor([0, 1, 2, 3, 0, 1])
-    hidden, _, _ = runner.forward_tokens(2, torch.tensor([5, 3]), tokens, row_of, col_of, 4)
+    hidden = runner.forward_tokens(2, torch.tensor([5, 3]), tokens, row_of, col_of, 4)
     n = 0
     for p, cs in zip(prompts, cands, strict=True):
         for c in cs:

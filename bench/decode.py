@@ -1,0 +1,167 @@
+"""Decode benchmark: MARA vs plain decoding vs the serial reference vs HF generate, one run.
+
+All rows are measured in this process on the same model and prompts (ratios are what we steer
+by; absolute numbers on a shared 2-core CPU are noisy). Every generation runs a fixed number of
+new tokens (EOS ignored) so tokens/s compare like with like. Warm-up runs are excluded.
+
+    python bench/decode.py [--quick] [--model M] [--agent PATH] [--chunk-sizes 4,8]
+
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mara_core.agent import Agent, AgentCard, AgentNetwork, load_agent  # noqa: E402
+from mara_core.cli import default_cache_dir  # noqa: E402
+from mara_core.engine import EngineConfig, LLMEngine  # noqa: E402
+from mara_core.loading import LoadedModel, ModelConfig, load_model, render_chat  # noqa: E402
+from mara_core.reference import reference_generate  # noqa: E402
+from mara_core.request import Request  # noqa: E402
+from mara_core.sampling import SamplingParams  # noqa: E402
+
+PROMPTS = [
+    "Explain how a refrigerator keeps food cold, step by step.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are the main differences between Python lists and tuples?",
+    "Give me a recipe for a vegetarian lasagna.",
+    "How do vaccines train the immune system?",
+    "Summarise the causes of the French Revolution.",
+    "What should I pack for a three-day hiking trip?",
+    "Describe the water cycle to a ten-year-old.",
+    "How can I improve my sleep quality?",
+    "Compare electric cars and petrol cars for a city commuter.",
+    "Write a polite email asking my landlord to fix the heating.",
+    "What is the Pythagorean theorem and where is it used?",
+    "Suggest five names for a coffee shop by the sea.",
+    "How does compound interest work?",
+    "Explain what a neural network is in simple terms.",
+    "What are good habits for learning a new language?",
+]
+
+
+def calibrated_agent(lm: LoadedModel, reject_rate: float, name: str) -> Agent:
+    """A random agent whose decisions are sharp and reject about `reject_rate` of the states
+    of this model's candidate tokens (1.0 → rejects everything: the serial worst case)."""
+    torch.manual_seed(0)
+    net = AgentNetwork(lm.hidden_size, 1024)
+    with torch.no_grad():
+        if reject_rate >= 1.0:
+            net.output_linear.weight.zero_()
+            net.output_linear.bias.copy_(torch.tensor([10.0, -10.0]))
+        else:
+            ids = render_chat(lm.tokenizer, [{"role": "user", "content": PROMPTS[0]}])
+            out = lm.model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
+                                    output_hidden_states=True, return_dict_in_generate=True)  # fmt: skip
+            states = torch.cat([h[-1][0, -1:] for h in out.hidden_states[1:]]).float()
+            net.output_linear.weight.mul_(30.0)
+            margin = net(states)
+            diff = margin[:, 1] - margin[:, 0]
+            net.output_linear.bias[1] = -torch.quantile(diff, reject_rate)
+    return Agent(net, AgentCard(name, lm.hidden_size))
+
+
+def engine_run(lm, prompts_ids, agent, n_tokens, chunk_size=None) -> tuple[float, dict]:
+    engine = LLMEngine(lm, EngineConfig(max_running=len(prompts_ids), chunk_size=chunk_size))
+    params = SamplingParams(max_new_tokens=n_tokens, ignore_eos=True, temperature=0.0)
+    reqs = [Request(str(i), ids, params, agent) for i, ids in enumerate(prompts_ids)]
+    t0 = time.perf_counter()
+    res = engine.generate(reqs)
+    dt = time.perf_counter() - t0
+    traces = [t for _, tr, _ in res.values() for t in tr]
+    judged = [t for t in traces if t.num_candidates > 1]
+    stats = {
+        "avg_candidates": sum(t.num_candidates for t in traces) / len(traces),
+        "reject_rate": sum(t.rejected for t in judged) / max(1, sum(t.evaluated for t in judged)),
+        "fallback_rate": sum(t.fallback for t in traces) / len(traces),
+    }
+    return sum(len(ids) for ids, _, _ in res.values()) / dt, stats
+
+
+def serial_run(lm, ids, agent, n_tokens) -> float:
+    params = SamplingParams(max_new_tokens=n_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    out, _ = reference_generate(lm.model, ids, agent, params, lm.eos_token_ids)
+    return len(out) / (time.perf_counter() - t0)
+
+
+def hf_generate_run(lm, ids, n_tokens) -> float:
+    x = torch.tensor([ids], device=lm.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = lm.model.generate(x, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                                do_sample=False, pad_token_id=lm.eos_token_ids[0])  # fmt: skip
+    return (out.shape[1] - len(ids)) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short run (< 3 min on 2 cores)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--agent", default=None, help="a real agent to use as the 'mixed' agent")
+    ap.add_argument("--chunk-sizes", default="4,8", help="chunked-mode sizes to measure")
+    args = ap.parse_args()
+    n1, n16, n_serial = (32, 24, 12) if args.quick else (128, 64, 32)
+    lm = load_model(ModelConfig(model=args.model, cache_dir=default_cache_dir()))
+    prompts = [render_chat(lm.tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    mixed = (load_agent(args.agent, expected_hidden_size=lm.hidden_size) if args.agent
+             else calibrated_agent(lm, 0.5, "mixed-50%"))  # fmt: skip
+    high = calibrated_agent(lm, 1.0, "reject-all")
+    one = prompts[:1]
+    engine_run(lm, one, mixed, 4)  # warm-up (allocations, first-call overheads)
+    hf_generate_run(lm, one[0], 4)
+
+    rows: dict[str, tuple[float, dict]] = {}
+    rows["plain b1"] = engine_run(lm, one, None, n1)
+    rows["mara mixed b1"] = engine_run(lm, one, mixed, n1)
+    rows["mara reject-all b1"] = engine_run(lm, one, high, n1)
+    for m in [int(x) for x in args.chunk_sizes.split(",") if x]:
+        rows[f"mara mixed b1 chunk={m}"] = engine_run(lm, one, mixed, n1, chunk_size=m)
+        rows[f"mara reject-all b1 chunk={m}"] = engine_run(lm, one, high, n1, chunk_size=m)
+    rows["hf generate b1"] = (hf_generate_run(lm, one[0], n1), {})
+    rows["serial mixed b1"] = (serial_run(lm, one[0], mixed, n_serial), {})
+    rows["serial reject-all b1"] = (serial_run(lm, one[0], high, n_serial), {})
+    rows["plain b16"] = engine_run(lm, prompts, None, n16)
+    rows["mara mixed b16"] = engine_run(lm, prompts, mixed, n16)
+    for m in [int(x) for x in args.chunk_sizes.split(",") if x]:
+        rows[f"mara mixed b16 chunk={m}"] = engine_run(lm, prompts, mixed, n16, chunk_size=m)
+
+    print(f"\n{'run':<30} {'tokens/s':>9} {'cands':>6} {'reject':>7} {'fallback':>9}")
+    for name, (tps, st) in rows.items():
+        extra = (f"{st['avg_candidates']:>6.1f} {st['reject_rate']:>7.2f} "
+                 f"{st['fallback_rate']:>9.2f}") if st else ""  # fmt: skip
+        print(f"{name:<30} {tps:>9.2f} {extra}")
+    r = {k: v[0] for k, v in rows.items()}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    result = {
+        "mara_vs_plain": r["mara mixed b1"] / r["plain b1"],
+        "mara_vs_plain_high_rejection": r["mara reject-all b1"] / r["plain b1"],
+        "mara_vs_serial": r["mara reject-all b1"] / r["serial reject-all b1"],
+        "mara_vs_serial_mixed": r["mara mixed b1"] / r["serial mixed b1"],
+        "plain_vs_hf_generate": r["plain b1"] / r["hf generate b1"],
+        "batch16_vs_batch1": r["mara mixed b16"] / r["mara mixed b1"],
+        "batch16_vs_batch1_plain": r["plain b16"] / r["plain b1"],
+        "tokens_per_s": r,
+        "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(), "commit": commit,
+        "quick": args.quick,
+    }  # fmt: skip
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()
+                      if k != "tokens_per_s"} | {"tokens_per_s": {k: round(v, 2) for k, v in r.items()}}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""The OpenAI-compatible API through a live server: the real `openai` client (sync, async,
+streaming) and raw httpx for the SSE wire format, re-validated against `openai.types`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types import Completion, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from mara_core.agent import load_agent
+from mara_core.loading import LoadedModel, render_chat
+from mara_core.reference import reference_generate
+from mara_core.sampling import SamplingParams
+
+BASE = "tiny-llama"
+MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0)
+
+
+@pytest.fixture()
+def aclient(server) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=server.api_key,
+                              max_retries=0)  # fmt: skip
+
+
+def chat_stream_text(events: list[dict | str], n: int = 1) -> tuple[list[str], list[str | None]]:
+    """Validate chat chunks; returns per-choice text and finish_reason."""
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    texts, finish, seen_role = [""] * n, [None] * n, [False] * n
+    for ev in events[:-1]:
+        assert isinstance(ev, dict) and "error" not in ev, ev
+        chunk = ChatCompletionChunk.model_validate(ev)
+        assert chunk.object == "chat.completion.chunk"
+        for choice in chunk.choices:
+            i = choice.index
+            if not seen_role[i]:
+                assert choice.delta.role == "assistant", "role comes in the first delta"
+                seen_role[i] = True
+            assert finish[i] is None, "nothing after a choice's finish_reason"
+            texts[i] += choice.delta.content or ""
+            finish[i] = choice.finish_reason
+    assert all(f in ("stop", "length") for f in finish), finish
+    return texts, finish
+
+
+# ---- basic shapes -------------------------------------------------------------------------
+
+
+def test_models_lists_base_model_and_agents_with_parent(client: openai.OpenAI) -> None:
+    models = {m.id: m for m in client.models.list()}
+    assert BASE in models and "half" in models
+    assert models["half"].model_extra["parent"] == BASE
+    assert models["half"].owned_by == "mara-serve"
+    assert models[BASE].model_extra["parent"] is None
+    assert client.models.retrieve("half").id == "half"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_raw_responses_validate_against_openai_types(server) -> None:
+    body = {"model": BASE, "messages": MESSAGES, "max_tokens": 5, "temperature": 0}
+    r = server.post("/v1/chat/completions", body)
+    completion = ChatCompletion.model_validate(r.json())
+    assert completion.object == "chat.completion" and completion.model == BASE
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 5
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 5
+    r = server.post("/v1/completions", {"model": BASE, "prompt": "Once upon", "max_tokens": 4})
+    assert Completion.model_validate(r.json()).object == "text_completion"
+    for m in httpx.get(server.base_url + "/v1/models", headers=server.auth).json()["data"]:
+        Model.model_validate(m)
+
+
+def test_sdk_sync_async_and_stream_agree(client: openai.OpenAI, aclient: openai.AsyncOpenAI):
+    kwargs = {"model": BASE, "messages": MESSAGES, "max_tokens": 12, "temperature": 0}
+    full = client.chat.completions.create(**kwargs)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(stream=True, **kwargs)
+        if c.choices
+    )
+
+    async def run_async() -> str:
+        r = await aclient.chat.completions.create(**kwargs)
+        return r.choices[0].message.content
+
+    assert full.choices[0].message.content == streamed == asyncio.run(run_async())
+    assert full.choices[0].message.content  # the tiny model says *something*
+
+
+@pytest.mark.parametrize("model,extra", [
+    (BASE, {"temperature": 0}),  # greedy
+    (BASE, {"temperature": 1.0, "seed": 7}),  # seeded sampling
+    ("half", {}),  # MARA decoding is deterministic
+])  # fmt: skip
+def test_stream_text_equals_non_stream_text(server, model: str, extra: dict) -> None:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 16, **extra}
+    r = server.post("/v1/chat/completions", body)
+    full = ChatCompletion.model_validate(r.json())
+    texts, finish = chat_stream_text(server.sse("/v1/chat/completions",
+                                                {**body, "stream": True}))  # fmt: skip
+    assert texts[0] == full.choices[0].message.content
+    assert finish[0] == full.choices[0].finish_reason
+
+
+def test_stream_include_usage_sends_a_final_usage_chunk(server) -> None:
+    body = {"model": "half", "messages": MESSAGES, "max_tokens": 6, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    events = server.sse("/v1/chat/completions", body)
+    last = ChatCompletionChunk.model_validate(events[-2])
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.completion_tokens == 6
+    assert all("usage" not in e for e in events[:-2])
+    non_stream = server.post("/v1/chat/completions",
+                             {**body, "stream": False, "stream_options": None}).json()
+    assert non_stream["usage"] == last.usage.model_dump(exclude_none=True)
+
+
+def test_sixteen_concurrent_streams_equal_each_request_alone(
+    server, aclient: openai.AsyncOpenAI
+) -> None:
+    def kwargs(i: int) -> dict:
+        return {"model": "half" if i % 2 else BASE, "max_tokens": 10, "temperature": 0,
+                "messages": [{"role": "user", "content": f"Tell me about topic {i}."}]}  # fmt: skip
+
+    async def one(i: int) -> str:
+        text = ""
+        async for chunk in await aclient.chat.completions.create(stream=True, **kwargs(i)):
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+        return text
+
+    async def run() -> tuple[list[str], list[str]]:
+        alone = [await one(i) for i in range(16)]
+        together = await asyncio.gather(*(one(i) for i in range(16)))
+        return alone, list(together)
+
+    alone, together = asyncio.run(run())
+    assert together == alone
+    assert len(set(alone)) > 8  # distinct prompts, distinct answers
+
+
+def test_mara_output_equals_the_serial_reference(
+    client: openai.OpenAI, tiny_lm: LoadedModel, agent_dir: Path
+) -> None:
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    agent = load_agent(agent_dir / "half")
+    prompt = render_chat(tiny_lm.tokenizer, messages)
+    ref_ids, ref_traces = reference_generate(tiny_lm.model, prompt, agent,
+                                             SamplingParams(max_new_tokens=24),
+                                             tiny_lm.eos_token_ids)  # fmt: skip
+    r = client.chat.completions.create(model="half", messages=messages, max_tokens=24,
+                                       extra_body={"mara_trace": True})  # fmt: skip
+    trace = r.choices[0].model_extra["mara_trace"]
+    assert [t["token_id"] for t in trace] == ref_ids
+    assert [t["accepted_rank"] for t in trace] == [t.accepted_rank for t in ref_traces]
+    assert any(t["rejected"] for t in trace), "the agent should reject something"
+    text = tiny_lm.tokenizer.decode(ref_ids, skip_special_tokens=True)
+    assert r.choices[0].message.content == text
+
+
+def test_mara_trace_in_stream_covers_every_token(server) -> None:
+    body = {"model": "half", "messages": MESSAGES, "max_tokens": 8, "stream": True,
+            "mara_trace": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    events = server.sse("/v1/chat/completions", body)
+    entries = [t for e in events[:-1] if isinstance(e, dict) for c in e["choices"]
+               for t in c.get("mara_trace", [])]  # fmt: skip
+    assert len(entries) == events[-2]["usage"]["completion_tokens"] == 8
+    for t in entries:
+        assert len(t["candidate_tokens"]) == len(t["candidates"]) == t["evaluated"]
+        assert t["rejected"] == t["evaluated"] - (0 if t["fallback"] or not t["evaluated"] else 1)
+        assert isinstance(t["token"], str) and 0 <= t["accepted_rank"] < t["num_candidates"]
+
+
+def test_n_choices_use_seed_plus_index(client: openai.OpenAI, server) -> None:
+    kwargs = {"model": BASE, "messages": MESSAGES, "max_tokens": 8, "temperature": 1.0}
+    multi = client.chat.completions.create(n=3, seed=5, **kwargs)
+    assert [c.index for c in multi.choices] == [0, 1, 2]
+    singles = [client.chat.completions.create(seed=5 + i, **kwargs).choices[0].message.content
+               for i in range(3)]  # fmt: skip
+    assert [c.message.content for c in multi.choices] == singles
+    assert multi.usage.completion_tokens == 24
+    texts, _ = chat_stream_text(server.sse("/v1/chat/completions",
+                                           {**kwargs, "n": 3, "seed": 5, "stream": True}), n=3)  # fmt: skip
+    assert texts == singles
+
+
+def test_stop_strings_end_the_text_before_the_stop(client: openai.OpenAI, server):
+    kwargs = {"model": BASE, "messages": MESSAGES, "max_tokens": 20, "temperature": 0}
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert len(full) > 12
+    stop = full[6:10]  # four characters mid-text, usually spanning a token boundary
+    expected = full[: full.find(stop)]
+    r = client.chat.completions.create(stop=[stop, "never-occurs"], **kwargs)
+    assert r.choices[0].message.content == expected
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 20  # the engine request was stopped early
+    texts, finish = chat_stream_text(server.sse("/v1/chat/completions",
+                                                {**kwargs, "stop": stop, "stream": True}))  # fmt: skip
+    assert texts == [expected] and finish == ["stop"]
+    unaffected = client.chat.completions.create(stop="never-occurs", **kwargs)
+    assert unaffected.choices[0].message.content == full
+    assert unaffected.choices[0].finish_reason == "length"
+
+
+def test_unset_max_tokens_means_the_rest_of_the_context(
+    client: openai.OpenAI, tiny_lm: LoadedModel
+) -> None:
+    content = "hello " * 200
+    messages = [{"role": "user", "content": content}]
+    prompt_len = len(render_chat(tiny_lm.tokenizer, messages))
+    room = 512 - prompt_len  # the tiny model's context is 512
+    assert 0 < room < 400
+    messages[0]["content"] = content + "hello " * (room - 10)
+    prompt_len = len(render_chat(tiny_lm.tokenizer, messages))
+    r = client.chat.completions.create(model=BASE, messages=messages, temperature=0,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.usage.prompt_tokens == prompt_len
+    assert r.usage.completion_tokens == 512 - prompt_len
+    assert r.choices[0].finish_reason == "length"
+    ids = client.completions.create(model=BASE, prompt=[5] * 505, max_tokens=None,
+                                    temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    assert ids.usage.completion_tokens == 7
+
+
+def test_completions_batch_prompts_echo_and_token_ids(client: openai.OpenAI, server):
+    r = client.completions.create(model=BASE, prompt=["The cat", "A dog"], n=2, max_tokens=5,
+                                  temperature=0)  # fmt: skip
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text and r.choices[2].text == r.choices[3].text
+    ids = server.post("/v1/completions", {"model": BASE, "prompt": "The cat", "max_tokens": 5,
+                                          "temperature": 0, "echo": True}).json()  # fmt: skip
+    assert ids["choices"][0]["text"] == "The cat" + r.choices[0].text
+    tok = server.state.lm.tokenizer
+    by_ids = client.completions.create(model=BASE, prompt=tok("The cat")["input_ids"],
+                                       max_tokens=5, temperature=0)  # fmt: skip
+    assert by_ids.choices[0].text == r.choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=BASE, prompt="The cat", max_tokens=5, temperature=0, stream=True) if c.choices)  # fmt: skip
+    assert streamed == r.choices[0].text
+
+
+def test_completions_stream_wire_format(server) -> None:
+    events = server.sse("/v1/completions", {
+        "model": "half", "prompt": "Hi", "max_tokens": 4, "stream": True,
+        "stream_options": {"include_usage": True},
+    })  # fmt: skip
+    assert events[-1] == "[DONE]"
+    chunks = [Completion.model_validate(e) for e in events[:-1]]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-2])
+
+
+def test_user_and_openai_only_fields_are_accepted(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=BASE, messages=[{"role": "developer", "content": "Be brief."}, *MESSAGES],
+        max_completion_tokens=3, user="alice", seed=1, presence_penalty=0, frequency_penalty=0,
+        response_format={"type": "text"}, tool_choice="none", temperature=0, top_p=0.9,
+        extra_body={"top_k": 5, "ignore_eos": True, "some_future_field": {"x": 1}},
+    )  # fmt: skip
+    assert r.usage.completion_tokens == 3
