@@ -74,6 +74,7 @@ def reference_generate(
                 trace = TokenTrace(
                     ids[rank or 0], len(ids), rank or 0, None if rank is None else probs[-1],
                     rank is None, tuple(judged), tuple(probs),
+                    tuple(cands.probs[: len(judged)].tolist()),
                 )  # fmt: skip
         out_ids.append(trace.token_id)
         traces.append(trace)

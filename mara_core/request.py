@@ -27,7 +27,8 @@ class TokenTrace:
     """How one token was chosen (MARA_SPEC.md §3).
 
     `candidates`/`accept_probs` list the candidates the agent judged, in order, up to and
-    including the accepted one (all of them on fallback). `accepted_rank` is the emitted
+    including the accepted one (all of them on fallback), with the agent's accept probability
+    and the model's own probability of each. `accepted_rank` is the emitted
     token's rank in the candidate list; `fallback` means every candidate was rejected and the
     top-1 was emitted. A plain (agent-less) token has num_candidates 1 and no decisions.
     """
@@ -39,6 +40,7 @@ class TokenTrace:
     fallback: bool
     candidates: tuple[int, ...] = ()
     accept_probs: tuple[float, ...] = ()
+    llm_probs: tuple[float, ...] = ()  # the model's renormalised top-k probs of `candidates`
 
     @property
     def evaluated(self) -> int:
@@ -51,7 +53,8 @@ class TokenTrace:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["candidates"], d["accept_probs"] = list(self.candidates), list(self.accept_probs)
+        for key in ("candidates", "accept_probs", "llm_probs"):
+            d[key] = list(d[key])
         d["evaluated"], d["rejected"] = self.evaluated, self.rejected
         return d
 

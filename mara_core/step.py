@@ -132,7 +132,7 @@ def decode_step(
             accepted_rank=row.chosen,
             accept_prob=None if not row.judged or row.fallback else row.judged_probs[-1],
             fallback=row.fallback, candidates=tuple(row.judged),
-            accept_probs=tuple(row.judged_probs),
+            accept_probs=tuple(row.judged_probs), llm_probs=tuple(row.probs[: len(row.judged)]),
         ))  # fmt: skip
     return traces
 
