@@ -77,6 +77,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():  # safetensors writes 0600; a shared cache must be world-readable
+        f.chmod(0o644)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
