@@ -40,7 +40,8 @@ Result = tuple[list[int], list[TokenTrace], str]  # token ids, traces, finish re
 class EngineConfig:
     max_running: int = 16  # cache slots = rows of the running batch
     max_waiting: int = 256  # bounded queue; beyond it add_request raises QueueFullError
-    chunk_size: int | None = None  # None: all candidates in one forward (best measured, bench/)
+    chunk_size: int | None = None  # candidates per forward; None: all at once (bench/decode.py)
+    probe_top1: bool = True  # rows whose agent keeps accepting the top-1 try it alone first
     max_prefill_tokens: int = 4096  # prompt tokens prefilled per step (keeps inter-token latency)
 
 
@@ -178,7 +179,9 @@ class LLMEngine:
 
     def _decode(self) -> list[RequestOutput]:
         try:
-            traces = decode_step(self.runner, self.running, self.config.chunk_size)
+            traces = decode_step(
+                self.runner, self.running, self.config.chunk_size, self.config.probe_top1
+            )
             results: list[tuple[Sequence, list[TokenTrace] | Exception]] = [
                 (s, [t]) for s, t in zip(self.running, traces, strict=True)
             ]
@@ -188,7 +191,14 @@ class LLMEngine:
             results = []
             for seq in list(self.running):
                 try:
-                    results.append((seq, decode_step(self.runner, [seq], self.config.chunk_size)))
+                    results.append(
+                        (
+                            seq,
+                            decode_step(
+                                self.runner, [seq], self.config.chunk_size, self.config.probe_top1
+                            ),
+                        )
+                    )
                 except Exception as e:
                     log.exception("decode failed for %s", seq.request_id)
                     results.append((seq, e))

@@ -31,6 +31,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.first_scheduled_time: float | None = None
         self.reported_queue_time = False
+        self.rank0_rate = 0.5  # EMA of "the agent accepted the top-1" (a cost hint, step.py)
 
     @property
     def request_id(self) -> str:

@@ -59,10 +59,33 @@ def _candidate_rows(seqs: list[Sequence]) -> list[_Row]:
     return rows  # type: ignore[return-value]
 
 
+PROBE_THRESHOLD = 0.75  # probe rank 0 alone when a row's agent accepted it this often lately
+
+
+def _round_size(row: _Row, seq: Sequence, chunk_size: int | None, probe: bool) -> int:
+    """How many of a row's remaining candidates this round evaluates.
+
+    Any split gives the same tokens (each candidate sees prefix + itself only); this is purely
+    a cost choice. On CPUs a forward of 2+ tokens costs ~1.5x one token (gemm vs gemv), so a
+    row whose agent has mostly accepted the top-1 lately (a trained agent on benign text)
+    first tries rank 0 alone, and only scores the rest if it is rejected.
+    """
+    if probe and row.offset == 0 and row.needs_agent and seq.rank0_rate >= PROBE_THRESHOLD:
+        return 1
+    return len(row.cands) if chunk_size is None else chunk_size
+
+
 def decode_step(
-    runner: ModelRunner, seqs: list[Sequence], chunk_size: int | None = None
+    runner: ModelRunner,
+    seqs: list[Sequence],
+    chunk_size: int | None = None,
+    probe_top1: bool = True,
 ) -> list[TokenTrace]:
-    """Advance every sequence by one token; returns the trace of each emitted token."""
+    """Advance every sequence by one token; returns the trace of each emitted token.
+
+    chunk_size: candidates per round (None: all remaining at once). probe_top1: rows whose
+    agent recently accepted rank 0 at least PROBE_THRESHOLD of the time try it alone first.
+    """
     rows = _candidate_rows(seqs)
     device = runner.device
     chosen_hidden: list[torch.Tensor | None] = [None] * len(seqs)
@@ -73,7 +96,7 @@ def decode_step(
         tok, row_of, col_of, rank_of, spans = [], [], [], [], {}
         for r_i, i in enumerate(pending):
             row = rows[i]
-            m = len(row.cands) if chunk_size is None else chunk_size
+            m = _round_size(row, seqs[i], chunk_size, probe_top1)
             chunk = row.cands[row.offset : row.offset + m]
             spans[i] = (len(tok), len(chunk))
             tok += chunk
@@ -127,6 +150,8 @@ def decode_step(
     traces = []
     for i, (s, row) in enumerate(zip(seqs, rows, strict=True)):
         s.next_logits = logits[i]
+        if row.needs_agent:
+            s.rank0_rate = 0.8 * s.rank0_rate + 0.2 * (row.chosen == 0 and not row.fallback)
         traces.append(TokenTrace(
             token_id=row.cands[row.chosen], num_candidates=len(row.cands),
             accepted_rank=row.chosen,

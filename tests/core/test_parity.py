@@ -49,10 +49,13 @@ def test_batch_of_one_equals_reference(tiny_lm, agents, mode, chunk_size):
         assert [t.candidates for t in got[1]] == [t.candidates for t in want_traces]
 
 
-@pytest.mark.parametrize("chunk_size", [None, 4])
-def test_batch_of_eight_with_requests_joining_at_different_steps(tiny_lm, agents, chunk_size):
+@pytest.mark.parametrize(("chunk_size", "probe_top1"), [(None, True), (None, False), (4, True)])
+def test_batch_of_eight_with_requests_joining_at_different_steps(
+    tiny_lm, agents, chunk_size, probe_top1
+):
     """Mixed agents (and a plain greedy row), different prompt lengths, staggered arrivals."""
-    engine = LLMEngine(tiny_lm, EngineConfig(max_running=8, chunk_size=chunk_size))
+    config = EngineConfig(max_running=8, chunk_size=chunk_size, probe_top1=probe_top1)
+    engine = LLMEngine(tiny_lm, config)
     modes = ["half", "accept", "reject", None, "half", "reject", "half", "accept"]
     reqs = []
     for i, (prompt, mode) in enumerate(zip(PROMPTS, modes, strict=True)):
