@@ -6,6 +6,10 @@ new tokens (EOS ignored) so tokens/s compare like with like. Warm-up runs are ex
 
     python bench/decode.py [--quick] [--model M] [--agent PATH] [--chunk-sizes 4,8]
 
+Agents: random agents calibrated on this model's states to reject ~50% ("mixed"), ~10%
+("light": how a trained safety agent behaves on benign text) or 100% ("reject-all": the serial
+algorithm's worst case, one forward per candidate). Pass --agent to use a real one as "mixed".
+
 Prints a table, then one JSON line.
 """
 
@@ -62,8 +66,10 @@ def calibrated_agent(lm: LoadedModel, reject_rate: float, name: str) -> Agent:
             net.output_linear.bias.copy_(torch.tensor([10.0, -10.0]))
         else:
             ids = render_chat(lm.tokenizer, [{"role": "user", "content": PROMPTS[0]}])
-            out = lm.model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
-                                    output_hidden_states=True, return_dict_in_generate=True)  # fmt: skip
+            out = lm.model.generate(
+                torch.tensor([ids]), max_new_tokens=48, do_sample=False,
+                output_hidden_states=True, return_dict_in_generate=True,
+            )  # fmt: skip
             states = torch.cat([h[-1][0, -1:] for h in out.hidden_states[1:]]).float()
             net.output_linear.weight.mul_(30.0)
             margin = net(states)
@@ -72,8 +78,8 @@ def calibrated_agent(lm: LoadedModel, reject_rate: float, name: str) -> Agent:
     return Agent(net, AgentCard(name, lm.hidden_size))
 
 
-def engine_run(lm, prompts_ids, agent, n_tokens, chunk_size=None) -> tuple[float, dict]:
-    engine = LLMEngine(lm, EngineConfig(max_running=len(prompts_ids), chunk_size=chunk_size))
+def engine_run(lm, prompts_ids, agent, n_tokens, **config) -> tuple[float, dict]:
+    engine = LLMEngine(lm, EngineConfig(max_running=len(prompts_ids), **config))
     params = SamplingParams(max_new_tokens=n_tokens, ignore_eos=True, temperature=0.0)
     reqs = [Request(str(i), ids, params, agent) for i, ids in enumerate(prompts_ids)]
     t0 = time.perf_counter()
@@ -117,16 +123,21 @@ def main() -> None:
     prompts = [render_chat(lm.tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
     mixed = (load_agent(args.agent, expected_hidden_size=lm.hidden_size) if args.agent
              else calibrated_agent(lm, 0.5, "mixed-50%"))  # fmt: skip
+    light = calibrated_agent(lm, 0.1, "light-10%")
     high = calibrated_agent(lm, 1.0, "reject-all")
     one = prompts[:1]
     engine_run(lm, one, mixed, 4)  # warm-up (allocations, first-call overheads)
     hf_generate_run(lm, one[0], 4)
 
     rows: dict[str, tuple[float, dict]] = {}
+    chunks = [int(x) for x in args.chunk_sizes.split(",") if x]
     rows["plain b1"] = engine_run(lm, one, None, n1)
     rows["mara mixed b1"] = engine_run(lm, one, mixed, n1)
+    rows["mara mixed b1 no-probe"] = engine_run(lm, one, mixed, n1, probe_top1=False)
+    rows["mara light b1"] = engine_run(lm, one, light, n1)
+    rows["mara light b1 no-probe"] = engine_run(lm, one, light, n1, probe_top1=False)
     rows["mara reject-all b1"] = engine_run(lm, one, high, n1)
-    for m in [int(x) for x in args.chunk_sizes.split(",") if x]:
+    for m in chunks:
         rows[f"mara mixed b1 chunk={m}"] = engine_run(lm, one, mixed, n1, chunk_size=m)
         rows[f"mara reject-all b1 chunk={m}"] = engine_run(lm, one, high, n1, chunk_size=m)
     rows["hf generate b1"] = (hf_generate_run(lm, one[0], n1), {})
@@ -134,7 +145,9 @@ def main() -> None:
     rows["serial reject-all b1"] = (serial_run(lm, one[0], high, n_serial), {})
     rows["plain b16"] = engine_run(lm, prompts, None, n16)
     rows["mara mixed b16"] = engine_run(lm, prompts, mixed, n16)
-    for m in [int(x) for x in args.chunk_sizes.split(",") if x]:
+    rows["mara mixed b16 no-probe"] = engine_run(lm, prompts, mixed, n16, probe_top1=False)
+    rows["mara light b16"] = engine_run(lm, prompts, light, n16)
+    for m in chunks:
         rows[f"mara mixed b16 chunk={m}"] = engine_run(lm, prompts, mixed, n16, chunk_size=m)
 
     print(f"\n{'run':<30} {'tokens/s':>9} {'cands':>6} {'reject':>7} {'fallback':>9}")
@@ -147,11 +160,13 @@ def main() -> None:
                             text=True, cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
     result = {
         "mara_vs_plain": r["mara mixed b1"] / r["plain b1"],
+        "mara_vs_plain_light": r["mara light b1"] / r["plain b1"],
         "mara_vs_plain_high_rejection": r["mara reject-all b1"] / r["plain b1"],
         "mara_vs_serial": r["mara reject-all b1"] / r["serial reject-all b1"],
         "mara_vs_serial_mixed": r["mara mixed b1"] / r["serial mixed b1"],
         "plain_vs_hf_generate": r["plain b1"] / r["hf generate b1"],
         "batch16_vs_batch1": r["mara mixed b16"] / r["mara mixed b1"],
+        "batch16_vs_batch1_light": r["mara light b16"] / r["mara light b1"],
         "batch16_vs_batch1_plain": r["plain b16"] / r["plain b1"],
         "tokens_per_s": r,
         "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
@@ -159,8 +174,9 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(), "commit": commit,
         "quick": args.quick,
     }  # fmt: skip
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()
-                      if k != "tokens_per_s"} | {"tokens_per_s": {k: round(v, 2) for k, v in r.items()}}))  # fmt: skip
+    summary = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+    summary["tokens_per_s"] = {k: round(v, 2) for k, v in r.items()}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
