@@ -37,18 +37,26 @@ ADMIN_KEY = "test-admin-key"
 HIDDEN = 64
 
 
-def build_tiny_model(out: Path, seed: int = 0) -> Path:
+def build_tiny_model(out: Path, seed: int = 0, context: int = 512) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     src = ensure_default_model(Path.home() / ".cache" / "mara-serve")
     tokenizer = AutoTokenizer.from_pretrained(src)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-        tie_word_embeddings=True, initializer_range=0.5, bos_token_id=1, eos_token_id=2,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=context,
+        tie_word_embeddings=True,
+        initializer_range=0.5,
+        bos_token_id=1,
+        eos_token_id=2,
         pad_token_id=2,
-    )  # fmt: skip
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -79,6 +87,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def long_context_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny model with a 4096-token context (streams that outlast a grace period)."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", context=4096)
+
+
+@pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir: Path) -> LoadedModel:
     return load_model(ModelConfig(model=str(tiny_model_dir), device="cpu"))
 
@@ -90,8 +104,11 @@ def agent_dir(tmp_path_factory: pytest.TempPathFactory, tiny_lm: LoadedModel) ->
     for name, mode, seed in (("half", "half", 1), ("half2", "half", 2), ("reject", "reject", 0)):
         card = AgentCard(name=name, hidden_size=HIDDEN, inner_dim=64, description=f"{mode} agent")
         save_agent(make_agent_network(tiny_lm, mode, seed), card, d / name)
-    save_agent(AgentNetwork(32, 64), AgentCard(name="wrong", hidden_size=32, inner_dim=64),
-               d / "wrong-size")  # fmt: skip
+    save_agent(
+        AgentNetwork(32, 64),
+        AgentCard(name="wrong", hidden_size=32, inner_dim=64),
+        d / "wrong-size",
+    )
     return d
 
 
@@ -139,8 +156,9 @@ class LiveServer:
     def sse(self, path: str, body: dict[str, Any]) -> list[Any]:
         """POST a streaming request; the decoded `data:` payloads ("[DONE]" kept as a str)."""
         events: list[Any] = []
-        with httpx.stream("POST", self.base_url + path, json=body, headers=self.auth,
-                          timeout=60) as r:  # fmt: skip
+        with httpx.stream(
+            "POST", self.base_url + path, json=body, headers=self.auth, timeout=60
+        ) as r:
             assert r.status_code == 200, r.read()
             assert r.headers["content-type"].startswith("text/event-stream")
             assert r.headers["x-request-id"]
@@ -159,8 +177,9 @@ class LiveServer:
         self.base_url = f"http://127.0.0.1:{port}"
         config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + 60
         while not self._server.started:
@@ -204,8 +223,7 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 
 
 def _start(lm: LoadedModel, settings: Settings, wait_ready: bool = True) -> LiveServer:
-    engine = make_engine(lm, max_running=settings.max_concurrent,
-                         max_waiting=settings.max_waiting)  # fmt: skip
+    engine = make_engine(lm, max_running=settings.max_concurrent, max_waiting=settings.max_waiting)
     return LiveServer(create_app(settings, engine)).start(wait_ready=wait_ready)
 
 
@@ -213,10 +231,17 @@ def _start(lm: LoadedModel, settings: Settings, wait_ready: bool = True) -> Live
 def server(tiny_lm: LoadedModel, agent_dir: Path) -> Iterator[LiveServer]:
     """The shared server: API and admin keys, agent 'half' loaded at start, small limits."""
     settings = Settings(
-        api_key=API_KEY, admin_key=ADMIN_KEY, agent_dir=agent_dir,
-        agents={"half": agent_dir / "half"}, max_concurrent=16, max_waiting=64,
-        max_request_body_bytes=64 * 1024, max_n=4, max_stop=4, max_messages=64,
-    )  # fmt: skip
+        api_key=API_KEY,
+        admin_key=ADMIN_KEY,
+        agent_dir=agent_dir,
+        agents={"half": agent_dir / "half"},
+        max_concurrent=16,
+        max_waiting=64,
+        max_request_body_bytes=64 * 1024,
+        max_n=4,
+        max_stop=4,
+        max_messages=64,
+    )
     live = _start(tiny_lm, settings)
     yield live
     live.stop()

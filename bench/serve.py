@@ -1,0 +1,326 @@
+"""Serving benchmark: N concurrent streaming clients against a live `mara serve`.
+
+Starts `mara serve` (a subprocess, as deployed) on the embedded default model, then for the base
+model (agent off: the baseline, measured in the same run) and for an agent, runs 1, 4 and 16
+concurrent streaming clients (openai.AsyncOpenAI) and reports requests/s, generated tokens/s,
+TTFT and inter-token latency p50/p95. Every request generates exactly `--max-tokens` tokens
+(`ignore_eos`), so levels and modes compare like for like. Each mode is warmed up first.
+
+The agent is the shipped default agent when there is one; otherwise a RANDOM untrained agent of
+the right size (said in the output): it measures speed only, not alignment.
+
+Prints a table, the issue's scaling targets, then one JSON line (device, versions, commit).
+
+    python bench/serve.py            # 128 tokens, 2 requests per client
+    python bench/serve.py --quick    # 32 tokens, 1 request per client (< 3 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Explain how rainbows form.",
+    "Write a short story about a lighthouse keeper.",
+    "What are the benefits of regular exercise?",
+    "Describe the water cycle.",
+    "Give me three tips for learning a new language.",
+    "How does a bicycle stay upright?",
+    "Summarise the plot of a detective novel you invent.",
+    "Why is the sky blue?",
+]
+
+
+@dataclass
+class RequestStats:
+    ttft: float
+    itls: list[float]
+    e2e: float
+    tokens: int
+
+
+@dataclass
+class LevelResult:
+    mode: str
+    concurrency: int
+    requests: int
+    wall_s: float
+    requests_per_s: float
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    itl_p50_ms: float
+    itl_p95_ms: float
+    extra: dict = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]); NaN for no values."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+async def one_request(
+    client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int
+) -> RequestStats:
+    t0 = time.perf_counter()
+    first = last = None
+    itls: list[float] = []
+    tokens = 0
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        now = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].delta.content:
+            if first is None:
+                first = now
+            else:
+                itls.append(now - last)
+            last = now
+    end = time.perf_counter()
+    return RequestStats(ttft=(first or end) - t0, itls=itls, e2e=end - t0, tokens=tokens)
+
+
+async def run_level(
+    base_url: str, mode: str, model: str, concurrency: int, requests: int, max_tokens: int
+) -> LevelResult:
+    client = openai.AsyncOpenAI(
+        base_url=base_url + "/v1", api_key="bench", max_retries=0, timeout=600
+    )
+    todo = list(range(requests))
+    results: list[RequestStats] = []
+
+    async def worker() -> None:
+        while todo:
+            i = todo.pop()
+            results.append(await one_request(client, model, PROMPTS[i % len(PROMPTS)], max_tokens))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    itls = [x for r in results for x in r.itls]
+    ttfts = [r.ttft for r in results]
+    return LevelResult(
+        mode=mode,
+        concurrency=concurrency,
+        requests=requests,
+        wall_s=round(wall, 3),
+        requests_per_s=round(requests / wall, 3),
+        tokens_per_s=round(sum(r.tokens for r in results) / wall, 2),
+        ttft_p50_ms=round(percentile(ttfts, 50) * 1e3, 1),
+        ttft_p95_ms=round(percentile(ttfts, 95) * 1e3, 1),
+        itl_p50_ms=round(percentile(itls, 50) * 1e3, 1),
+        itl_p95_ms=round(percentile(itls, 95) * 1e3, 1),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_agent(tmp: Path) -> tuple[str, list[str], str]:
+    """(agent model id, extra serve flags, description)."""
+    from mara_core.default_model import default_agents
+
+    shipped = default_agents()
+    if shipped:
+        name = next(iter(shipped))
+        return name, [], f"shipped default agent {name!r}"
+    from mara_core.agent import AgentCard, AgentNetwork, save_agent
+
+    save_agent(
+        AgentNetwork(576), AgentCard(name="random-agent", hidden_size=576), tmp / "random-agent"
+    )
+    return (
+        "random-agent",
+        ["--agent", f"random-agent={tmp / 'random-agent'}"],
+        "RANDOM untrained agent (no default agent is shipped yet; speed only)",
+    )
+
+
+def start_server(port: int, extra: list[str], max_concurrent: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MARA_")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--max-concurrent",
+        str(max_concurrent),
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    deadline = time.monotonic() + 600
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"mara serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("mara serve did not become ready")
+        time.sleep(0.2)
+
+
+def environment(base_url: str) -> dict:
+    import torch
+    import transformers
+
+    import mara_core
+
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    model = httpx.get(base_url + "/v1/models").json()["data"][0]
+    return {
+        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "openai": openai.__version__,
+        "mara_serve": mara_core.__version__,
+        "commit": commit,
+        "model": model["id"],
+        "max_model_len": model.get("max_model_len"),
+    }
+
+
+def print_table(results: list[LevelResult], agent_desc: str) -> None:
+    print(f"\nagent: {agent_desc}")
+    header = (
+        f"{'mode':<6} {'conc':>4} {'reqs':>4} {'req/s':>7} {'tok/s':>7} "
+        f"{'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8}   (ms)"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r.mode:<6} {r.concurrency:>4} {r.requests:>4} {r.requests_per_s:>7.2f} "
+            f"{r.tokens_per_s:>7.1f} {r.ttft_p50_ms:>9.0f} {r.ttft_p95_ms:>9.0f} "
+            f"{r.itl_p50_ms:>8.1f} {r.itl_p95_ms:>8.1f}"
+        )
+
+
+def scaling(results: list[LevelResult]) -> dict:
+    out = {}
+    for mode in sorted({r.mode for r in results}):
+        by_c = {r.concurrency: r for r in results if r.mode == mode}
+        if 1 in by_c and 16 in by_c:
+            out[mode] = {
+                "tokens_per_s_16_over_1": round(by_c[16].tokens_per_s / by_c[1].tokens_per_s, 2),
+                "ttft_p50_16_over_1": round(by_c[16].ttft_p50_ms / by_c[1].ttft_p50_ms, 2),
+            }
+    return out
+
+
+async def bench(
+    base_url: str, modes: dict[str, str], levels: list[int], per_client: int, max_tokens: int
+) -> list[LevelResult]:
+    results = []
+    for mode, model in modes.items():
+        await run_level(base_url, mode, model, 2, 2, 8)  # warm-up (not reported)
+        for c in levels:
+            r = await run_level(base_url, mode, model, c, c * per_client, max_tokens)
+            print(f"  {mode} x{c}: {r.tokens_per_s:.1f} tok/s", file=sys.stderr, flush=True)
+            results.append(r)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="32 tokens, 1 request per client")
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--requests-per-client", type=int, default=None)
+    parser.add_argument("--levels", default="1,4,16", help="comma-separated concurrencies")
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra `mara serve` argument, repeatable (--serve-arg=--dtype=...)",
+    )
+    args = parser.parse_args()
+    max_tokens = args.max_tokens or (32 if args.quick else 128)
+    per_client = args.requests_per_client or (1 if args.quick else 2)
+    levels = [int(x) for x in args.levels.split(",")]
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        agent, flags, agent_desc = pick_agent(Path(tmp))
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        proc = start_server(port, flags + args.serve_arg, max(levels))
+        try:
+            env = environment(base_url)
+            modes = {"base": env["model"], "agent": agent}
+            results = asyncio.run(bench(base_url, modes, levels, per_client, max_tokens))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    print_table(results, agent_desc)
+    targets = scaling(results)
+    for mode, t in targets.items():
+        print(
+            f"{mode}: tokens/s at 16 = {t['tokens_per_s_16_over_1']}x one stream (target >= 5x);"
+            f" TTFT p50 at 16 = {t['ttft_p50_16_over_1']}x alone (target <= 3x)"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "serve",
+                "quick": args.quick,
+                "max_tokens": max_tokens,
+                "requests_per_client": per_client,
+                "agent": agent_desc,
+                **env,
+                "wall_s": round(time.monotonic() - started, 1),
+                "scaling": targets,
+                "results": [asdict(r) for r in results],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

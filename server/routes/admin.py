@@ -1,0 +1,44 @@
+"""The agent registry API under /admin (admin key required; disabled without one).
+
+PUT loads or replaces an agent from a path relative to the agent directory, DELETE unloads it.
+Requests already running keep the agent they started with.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from starlette.responses import JSONResponse
+
+from server.auth import require_admin_key
+from server.protocol.admin import AgentInfo, AgentList, AgentLoadRequest, AgentUnloaded
+from server.routes.deps import ReadyState
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
+
+
+@router.get("/agents", response_model=AgentList)
+async def list_agents(state: ReadyState) -> AgentList:
+    """Lists the loaded agents with their versions and sources."""
+    assert state.agents is not None
+    return state.agents.list()
+
+
+@router.put(
+    "/agents/{name}",
+    response_model=AgentInfo,
+    status_code=200,
+    responses={201: {"model": AgentInfo, "description": "loaded under a new name"}},
+)
+async def put_agent(name: str, body: AgentLoadRequest, state: ReadyState) -> JSONResponse:
+    """Loads an agent from the agent directory under `name`, replacing any agent of that name
+    atomically (201 when the name is new, 200 when replaced)."""
+    assert state.agents is not None
+    info = await state.agents.load(name, body.path)
+    return JSONResponse(info.model_dump(mode="json"), status_code=200 if info.replaced else 201)
+
+
+@router.delete("/agents/{name}", response_model=AgentUnloaded)
+async def delete_agent(name: str, state: ReadyState) -> AgentUnloaded:
+    """Unloads an agent; requests using it finish with it."""
+    assert state.agents is not None
+    return state.agents.unload(name)

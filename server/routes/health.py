@@ -1,0 +1,52 @@
+"""Probes and metrics, open without credentials: /health (liveness), /ready, /metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.responses import JSONResponse, Response
+
+from server.errors import RETRY_AFTER_UNAVAIL
+from server.metrics import CONTENT_TYPE
+from server.routes.deps import State
+
+router = APIRouter(tags=["ops"])
+
+
+def _status(state: Any) -> dict[str, Any]:
+    return {
+        "phase": str(state.phase),
+        "engine_alive": state.engine_alive(),
+        "error": state.error,
+        "in_flight": state.inflight.count,
+    }
+
+
+@router.get("/health")
+async def health(state: State) -> JSONResponse:
+    """Liveness: 200 while the process is healthy (also while loading); 503 when the model
+    failed to load or the engine thread died (restart the process)."""
+    ok = state.is_live()
+    return JSONResponse(
+        {"status": "ok" if ok else "unhealthy", **_status(state)}, status_code=200 if ok else 503
+    )
+
+
+@router.get("/ready")
+async def ready(state: State) -> JSONResponse:
+    """Readiness: 200 only when the model and startup agents are loaded and the server is not
+    draining; 503 with Retry-After otherwise."""
+    if state.is_ready():
+        return JSONResponse({"status": "ready", **_status(state)})
+    return JSONResponse(
+        {"status": "not_ready", **_status(state)},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_UNAVAIL)},
+    )
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    """Prometheus metrics (text exposition format)."""
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)

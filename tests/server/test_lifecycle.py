@@ -1,0 +1,294 @@
+"""Readiness, admission and the request lifecycle: /health vs /ready while loading and after a
+failure, 429 when the queue is full, disconnects that free the slot, and graceful draining on
+SIGTERM through the real `mara serve` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import server.lifecycle
+from mara_core.errors import ModelLoadError
+from server.app import create_app
+from server.serving.transport import SSEResponse
+from server.settings import Settings
+
+BASE = "tiny-llama"
+MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.02) -> float:
+    """Seconds until `predicate()` held; fails after `timeout`."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, "condition not met in time"
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+def long_stream(live, max_tokens: int = 400) -> tuple[httpx.Client, httpx.Response, Iterator]:
+    """Open a streaming request and read until its first token; the caller closes it (and
+    keeps the line iterator: dropping it mid-stream closes the connection)."""
+    client = httpx.Client(timeout=60)
+    req = client.build_request(
+        "POST",
+        live.base_url + "/v1/chat/completions",
+        headers=live.auth,
+        json={
+            "model": BASE,
+            "messages": MESSAGES,
+            "stream": True,
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+        },
+    )
+    r = client.send(req, stream=True)
+    assert r.status_code == 200
+    lines = r.iter_lines()
+    for line in lines:
+        if '"content":"' in line and '"content":""' not in line:
+            break  # the first token arrived: the request is running
+    return client, r, lines
+
+
+def test_health_is_up_while_the_model_loads_and_ready_only_after(
+    monkeypatch: pytest.MonkeyPatch, start_server, tiny_model_dir: Path
+) -> None:
+    release = threading.Event()
+    real_build = server.lifecycle.build_engine
+
+    def slow_build(settings: Settings):
+        assert release.wait(30)
+        return real_build(settings)
+
+    monkeypatch.setattr(server.lifecycle, "build_engine", slow_build)
+    live = start_server(
+        app=create_app(Settings(model=str(tiny_model_dir), device="cpu")), wait_ready=False
+    )
+    assert httpx.get(live.base_url + "/health").status_code == 200
+    r = httpx.get(live.base_url + "/ready")
+    assert r.status_code == 503 and r.json()["phase"] == "loading" and r.headers["retry-after"]
+    r = live.post("/v1/chat/completions", {"model": BASE, "messages": MESSAGES})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "server_loading"
+    assert r.headers["retry-after"]
+    assert httpx.get(live.base_url + "/metrics").status_code == 200
+    release.set()
+    live.wait_ready(30)
+    r = live.post("/v1/chat/completions", {"model": BASE, "messages": MESSAGES, "max_tokens": 2})
+    assert r.status_code == 200
+
+
+def test_a_model_that_fails_to_load_fails_health(
+    monkeypatch: pytest.MonkeyPatch, start_server
+) -> None:
+    def broken(settings: Settings):
+        raise ModelLoadError("no such model: nowhere")
+
+    monkeypatch.setattr(server.lifecycle, "build_engine", broken)
+    fatal = threading.Event()
+    app = create_app(Settings(model="nowhere"))
+    app.state.mara.on_fatal = fatal.set
+    live = start_server(app=app, wait_ready=False)
+    assert fatal.wait(10), "the CLI's hook is told to stop the server"
+    r = httpx.get(live.base_url + "/health")
+    assert r.status_code == 503 and "nowhere" in r.json()["error"]
+    assert httpx.get(live.base_url + "/ready").status_code == 503
+    r = live.post("/v1/chat/completions", {"model": BASE, "messages": MESSAGES})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "server_failed"
+
+
+def test_a_startup_agent_that_does_not_fit_fails_startup(start_server, agent_dir: Path) -> None:
+    live = start_server(agents={"w": agent_dir / "wrong-size"}, wait_ready=False)
+    wait_for(lambda: httpx.get(live.base_url + "/health").status_code == 503, 10)
+    assert "hidden size" in httpx.get(live.base_url + "/health").json()["error"]
+
+
+def test_a_dead_engine_fails_health_and_readiness(start_server) -> None:
+    live = start_server()
+    live.state.engine.shutdown(0)
+    assert httpx.get(live.base_url + "/health").status_code == 503
+    assert httpx.get(live.base_url + "/ready").status_code == 503
+    r = live.post("/v1/chat/completions", {"model": BASE, "messages": MESSAGES})
+    assert r.status_code == 503
+
+
+def test_stream_disconnect_frees_the_slot_within_a_second(server) -> None:
+    aborted = server.metric("mara_requests_total", {"status": "aborted"})
+    client, r, _lines = long_stream(server)
+    assert server.metric("mara_num_requests_running") == 1
+    r.close()
+    client.close()
+    took = wait_for(lambda: server.metric("mara_num_requests_running") == 0, 1.0)
+    assert took < 1.0
+    wait_for(lambda: server.metric("mara_requests_total", {"status": "aborted"}) == aborted + 1, 1)
+
+
+def test_non_stream_disconnect_frees_the_slot(server) -> None:
+    body = {"model": "half", "messages": MESSAGES, "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            server.base_url + "/v1/chat/completions", json=body, headers=server.auth, timeout=0.5
+        )
+    wait_for(lambda: server.metric("mara_num_requests_running") == 0, 1.0)
+
+
+def test_full_queue_is_429_with_retry_after(start_server, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(SSEResponse, "heartbeat_s", 0.05)
+    live = start_server(max_concurrent=1, max_waiting=1)
+    rejected = live.metric("mara_requests_total", {"status": "rejected"})
+    client1, resp1, _lines = long_stream(live)
+    second_client = httpx.Client(timeout=60)
+    second = second_client.send(
+        second_client.build_request(
+            "POST",
+            live.base_url + "/v1/chat/completions",
+            json={"model": BASE, "messages": MESSAGES, "stream": True, "max_tokens": 400},
+        ),
+        stream=True,
+    )
+    assert second.status_code == 200  # admitted: it waits in the queue
+    wait_for(lambda: live.metric("mara_num_requests_waiting") == 1, 5)
+    r = live.post("/v1/chat/completions", {"model": BASE, "messages": MESSAGES, "max_tokens": 2})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+    assert r.headers["retry-after"] == "1"
+    assert live.metric("mara_requests_total", {"status": "rejected"}) == rejected + 1
+    queued_lines = second.iter_lines()
+    assert next(queued_lines).startswith("data: ")  # the role chunk goes out at once
+    assert next(line for line in queued_lines if line) == ": keep-alive"  # then keep-alives
+    for client, resp in ((client1, resp1), (second_client, second)):
+        resp.close()
+        client.close()
+    wait_for(lambda: live.metric("mara_num_requests_waiting") == 0, 2)
+    wait_for(lambda: live.metric("mara_num_requests_running") == 0, 2)
+    r = live.post("/v1/chat/completions", {"model": BASE, "messages": MESSAGES, "max_tokens": 2})
+    assert r.status_code == 200
+
+
+def test_engine_failure_is_reported_in_band_or_as_500(start_server) -> None:
+    live = start_server()
+    engine = live.state.engine.engine
+    real_step = engine.step
+
+    def fail_once():
+        engine.step = real_step
+        raise RuntimeError("simulated device failure")
+
+    client, r, lines = long_stream(live)
+    engine.step = fail_once
+    rest = [line for line in lines if line]
+    r.close()
+    client.close()
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][len("data: ") :])["error"]
+    assert error["code"] == "generation_failed" and "simulated" in error["message"]
+    engine.step = fail_once
+    r = live.post("/v1/chat/completions", {"model": BASE, "messages": MESSAGES, "max_tokens": 5})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+    assert live.metric("mara_requests_total", {"status": "error"}) == 2
+    r = live.post("/v1/chat/completions", {"model": BASE, "messages": MESSAGES, "max_tokens": 5})
+    assert r.status_code == 200
+
+
+# ---- the real process: `mara serve` and SIGTERM ------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_stream(url: str, max_tokens: int, out: dict, started: threading.Event) -> None:
+    body = {
+        "model": BASE,
+        "messages": MESSAGES,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+    }
+    lines = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        out["status"] = r.status_code
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+                started.set()
+    out["lines"] = lines
+
+
+def test_sigterm_drains_running_streams_then_exits(long_context_model_dir: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MARA_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--model",
+            str(long_context_model_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--graceful-shutdown-s",
+            "3",
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(url + "/ready").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 90, 0.1)
+        short, long_, threads = {}, {}, []
+        # 5-40 ms a token on 2 CPU cores: the short one ends within the grace period, the
+        # long one cannot (>= 20 s)
+        for out, n in ((short, 16), (long_, 4000)):
+            started = threading.Event()
+            t = threading.Thread(target=read_stream, args=(url, n, out, started))
+            t.start()
+            assert started.wait(10)
+            threads.append(t)
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: httpx.get(url + "/ready").status_code == 503, 2)
+        r = httpx.post(url + "/v1/chat/completions", json={"model": BASE, "messages": MESSAGES})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_draining"
+        for t in threads:
+            t.join(20)
+        assert short["status"] == long_["status"] == 200
+        # the short stream finished normally within the grace period ...
+        assert short["lines"][-1] == "data: [DONE]"
+        assert '"finish_reason":"length"' in short["lines"][-2]
+        # ... the long one was cut at the end of it, with an in-band error, then [DONE]
+        assert long_["lines"][-1] == "data: [DONE]"
+        assert '"error"' in long_["lines"][-2] and "shutting down" in long_["lines"][-2]
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

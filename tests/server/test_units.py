@@ -1,0 +1,184 @@
+"""The server's pure pieces without HTTP: detokenizer, stop strings, error table, settings, CLI."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from transformers import AutoTokenizer
+
+from mara_core.default_model import ensure_default_model
+from mara_core.errors import (
+    AgentLoadError,
+    ContextLengthExceededError,
+    EngineNotReadyError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from server.cli import _settings_from, build_parser, main
+from server.errors import ModelNotFoundError, describe
+from server.serving.detokenizer import IncrementalDetokenizer
+from server.serving.stop import StopStringMatcher
+from server.settings import Settings
+
+TEXTS = [
+    "Hello, world! How are you today?",
+    "Café au lait — naïve façade; 東京は雨です。🙂👍🏽 and 🇫🇷 flags",
+    "  leading spaces\n\nand\ttabs  ",
+    "数学: ∑_{i=1}^n i = n(n+1)/2 ✓",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(
+        ensure_default_model(Path.home() / ".cache" / "mara-serve")
+    )
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_detokenizer_never_emits_half_a_character(tokenizer, text: str) -> None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    deltas = [detok.push([i]) for i in ids]
+    deltas.append(detok.flush())
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+    if "🙂" in text:  # an emoji spans several tokens: some pushes must hold their bytes back
+        assert "" in deltas[:-1]
+
+
+def test_detokenizer_flushes_an_incomplete_character_at_the_end(tokenizer) -> None:
+    ids = tokenizer("🙂", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1, "an emoji is several byte-level tokens"
+    detok = IncrementalDetokenizer(tokenizer)
+    assert detok.push(ids[:1]) == ""
+    assert detok.flush() == "\ufffd"  # generation ended mid-character
+
+
+def reference_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_stop_strings_match_across_any_split(seed: int) -> None:
+    rng = random.Random(seed)
+    alphabet = "abc "
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+    stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(2)]
+    matcher, out, hit = StopStringMatcher(stops), "", False
+    pos = 0
+    while pos < len(text) and not hit:
+        step = rng.randint(1, 5)
+        emitted, hit = matcher.push(text[pos : pos + step])
+        out += emitted
+        pos += step
+        assert not any(s in out for s in stops), "the stop text is never emitted"
+    if not hit:
+        out += matcher.flush()
+    assert (out, hit) == reference_stop(text, stops)
+
+
+@pytest.mark.parametrize(
+    "exc,status,code,retry",
+    [
+        (InvalidRequestError("bad", "top_k"), 400, "invalid_value", None),
+        (ContextLengthExceededError("long", "messages"), 400, "context_length_exceeded", None),
+        (AgentLoadError("nope"), 400, "invalid_agent", None),
+        (QueueFullError("full"), 429, "queue_full", "1"),
+        (EngineNotReadyError("stopping"), 503, "engine_not_ready", "5"),
+        (ModelNotFoundError("x", param="model"), 404, "model_not_found", None),
+        (RuntimeError("secret internals"), 500, "internal_error", None),
+    ],
+)
+def test_error_table(exc: Exception, status: int, code: str, retry: str | None) -> None:
+    p = describe(exc)
+    assert (p.status_code, p.code, p.headers.get("Retry-After")) == (status, code, retry)
+    assert set(p.body()["error"]) == {"message", "type", "param", "code"}
+    assert "secret" not in p.message
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MARA_PORT", "9001")
+    monkeypatch.setenv("MARA_AGENTS", "a=/p/a, b=/p/b")
+    monkeypatch.setenv("MARA_CORS_ORIGINS", "http://x.test,http://y.test")
+    monkeypatch.setenv("MARA_AGENT_DIR", str(tmp_path))
+    monkeypatch.setenv("MARA_API_KEY", "")
+    s = Settings()
+    assert s.port == 9001 and s.agent_dir == tmp_path and s.api_key is None
+    assert s.agents == {"a": Path("/p/a"), "b": Path("/p/b")}
+    assert s.cors_origins == ["http://x.test", "http://y.test"]
+
+
+@pytest.mark.parametrize(
+    "env,value",
+    [
+        ("MARA_AGENTS", "no-equals-sign"),
+        ("MARA_AGENTS", "a=/x,a=/y"),
+        ("MARA_AGENTS", "b c=/x"),
+        ("MARA_PORT", "0"),
+        ("MARA_MAX_CONCURRENT", "0"),
+        ("MARA_AGENT_DIR", "/no/such/dir"),
+        ("MARA_DTYPE", "float8"),
+        ("MARA_LOG_LEVEL", "loud"),
+    ],
+)
+def test_invalid_settings_fail_fast(monkeypatch: pytest.MonkeyPatch, env: str, value: str) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_unknown_mara_variables_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MARA_MAX_CONCURENT", "4")  # a typo
+    assert "MARA_MAX_CONCURENT" in Settings.unknown_env_vars()
+    assert "MARA_PORT" not in Settings.unknown_env_vars()
+
+
+def test_api_and_admin_keys_must_differ() -> None:
+    with pytest.raises(ValidationError):
+        Settings(api_key="same", admin_key="same")
+
+
+def test_cli_flags_override_env_and_absent_flags_keep_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MARA_MAX_WAITING", "7")
+    monkeypatch.setenv("MARA_PORT", "9000")
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--port",
+            "8123",
+            "--agent",
+            "a=/x",
+            "--agent",
+            "b=/y",
+            "--no-default-agents",
+            "--api-key",
+            "k",
+            "--dtype",
+            "float32",
+        ]
+    )
+    s = _settings_from(args)
+    assert (s.port, s.max_waiting, s.default_agents, s.dtype) == (8123, 7, False, "float32")
+    assert s.agents == {"a": Path("/x"), "b": Path("/y")}
+    assert s.api_key is not None and s.api_key.get_secret_value() == "k"
+    assert s.host == "127.0.0.1"
+
+
+def test_every_setting_is_a_serve_flag() -> None:
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    dests = {a.dest for a in serve._actions}
+    assert set(Settings.model_fields) <= dests
+    assert {"generate", "fetch-default", "serve"} <= set(
+        build_parser()._subparsers._group_actions[0].choices
+    )
+
+
+def test_cli_rejects_invalid_settings_with_status_2(capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "port" in capsys.readouterr().err
