@@ -33,6 +33,7 @@ from mara_core.step import decode_step
 
 log = logging.getLogger(__name__)
 
+CPU_CHUNK_SIZE = 4
 Result = tuple[list[int], list[TokenTrace], str]  # token ids, traces, finish reason
 
 
@@ -40,8 +41,12 @@ Result = tuple[list[int], list[TokenTrace], str]  # token ids, traces, finish re
 class EngineConfig:
     max_running: int = 16  # cache slots = rows of the running batch
     max_waiting: int = 256  # bounded queue; beyond it add_request raises QueueFullError
-    chunk_size: int | None = None  # candidates per forward; None: all at once (bench/decode.py)
-    probe_top1: bool = True  # rows whose agent keeps accepting the top-1 try it alone first
+    # Candidates judged per forward (a value >= top_k: all at once). None picks by device, as
+    # measured by bench/decode.py: 4 on CPU (a forward of 40 tokens costs ~2.5x one token
+    # there), all at once on GPU (extra tokens are nearly free when decoding is memory-bound).
+    chunk_size: int | None = None
+    # Rows whose agent keeps accepting the top-1 try it alone first (None: on for CPU only).
+    probe_top1: bool | None = None
     max_prefill_tokens: int = 4096  # prompt tokens prefilled per step (keeps inter-token latency)
 
 
@@ -50,6 +55,13 @@ class LLMEngine:
         self.lm = lm
         self.config = config
         self.runner = ModelRunner(lm, config.max_running)
+        on_cpu = lm.device.type == "cpu"
+        self.chunk_size = (
+            config.chunk_size
+            if config.chunk_size is not None
+            else (CPU_CHUNK_SIZE if on_cpu else None)
+        )
+        self.probe_top1 = config.probe_top1 if config.probe_top1 is not None else on_cpu
         self.max_model_len = self.runner.max_len
         self._lock = threading.Lock()
         self._waiting: deque[Request] = deque()
@@ -154,20 +166,31 @@ class LLMEngine:
     def _admit(self) -> list[RequestOutput]:
         outs: list[RequestOutput] = []
         budget = self.config.max_prefill_tokens
+        # Prompts prefilled in this call: an identical prompt admitted with them (n samples of
+        # one prompt, e.g. training episodes) copies their KV instead of recomputing it.
+        prefilled: dict[tuple[int, ...], Sequence] = {}
         while len(self.running) < self.config.max_running:
             with self._lock:
                 if not self._waiting:
                     break
-                n = len(self._waiting[0].prompt_token_ids)
-                if n > budget and budget < self.config.max_prefill_tokens:
+                key = tuple(self._waiting[0].prompt_token_ids)
+                n = len(key)
+                cost = 0 if key in prefilled else n
+                if cost > budget and budget < self.config.max_prefill_tokens:
                     break  # this step's prefill budget is spent; the next step takes it
                 request = self._waiting.popleft()
-            budget -= n
+            budget -= cost
             seq = Sequence(request, len(self.running), self.lm.eos_token_ids, self.lm.device)
             seq.first_scheduled_time = time.monotonic()
             try:
-                hidden = self.runner.prefill(seq.slot, request.prompt_token_ids)
-                seq.next_logits = self.runner.logits(hidden[None])[0]
+                twin = prefilled.get(key)
+                if twin is not None:
+                    self.runner.cache.move(twin.slot, seq.slot, n)
+                    seq.next_logits = twin.next_logits  # read-only until its first step
+                else:
+                    hidden = self.runner.prefill(seq.slot, request.prompt_token_ids)
+                    seq.next_logits = self.runner.logits(hidden[None])[0]
+                    prefilled[key] = seq
             except Exception as e:  # one bad request must not take the engine down
                 log.exception("prefill failed for %s", request.request_id)
                 outs.append(RequestOutput(request.request_id, [], [], True, "error", str(e),
@@ -179,9 +202,7 @@ class LLMEngine:
 
     def _decode(self) -> list[RequestOutput]:
         try:
-            traces = decode_step(
-                self.runner, self.running, self.config.chunk_size, self.config.probe_top1
-            )
+            traces = decode_step(self.runner, self.running, self.chunk_size, self.probe_top1)
             results: list[tuple[Sequence, list[TokenTrace] | Exception]] = [
                 (s, [t]) for s, t in zip(self.running, traces, strict=True)
             ]
@@ -194,9 +215,7 @@ class LLMEngine:
                     results.append(
                         (
                             seq,
-                            decode_step(
-                                self.runner, [seq], self.config.chunk_size, self.config.probe_top1
-                            ),
+                            decode_step(self.runner, [seq], self.chunk_size, self.probe_top1),
                         )
                     )
                 except Exception as e:

@@ -109,7 +109,10 @@ class Settings(BaseSettings):
     )
     max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens prefilled per step")
     candidate_chunk_size: int | None = Field(
-        None, ge=1, description="judge candidates m at a time (default: all in one forward)"
+        None,
+        ge=1,
+        description="judge candidates m at a time; >= top_k means all in one forward "
+        "(default: 4 on CPU, all at once on GPU)",
     )
 
     # ---- request limits (each violation is a 4xx, never a 500) ---------------------------
@@ -123,6 +126,13 @@ class Settings(BaseSettings):
     max_stop_length: int = Field(256, ge=1, description="longest stop string, in characters")
     max_tokens_default: int | None = Field(
         None, ge=1, description="chat max_tokens when unset (default: the remaining context)"
+    )
+    request_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="wall-clock limit of one generation request from admission, queueing "
+        "included; past it the request is aborted and answered 408 request_timeout (in-band "
+        "when streaming). Unset: no limit",
     )
 
     @field_validator("agents", mode="before")
@@ -144,7 +154,9 @@ class Settings(BaseSettings):
         items = value.split(",") if isinstance(value, str) else list(value)
         return [o.strip() for o in items if o.strip()]
 
-    @field_validator("api_key", "admin_key", "model", "served_model_name", mode="before")
+    @field_validator(
+        "api_key", "admin_key", "model", "served_model_name", "request_timeout_s", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

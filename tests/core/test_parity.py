@@ -35,11 +35,15 @@ def test_tree_masked_states_equal_separate_forwards(tiny_lm):
             n += 1
 
 
+ALL = 256  # a chunk at least top_k: every candidate in one forward
+
+
 @pytest.mark.parametrize("mode", ["accept", "reject", "half"])
-@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("chunk_size", [ALL, 3, None])
 def test_batch_of_one_equals_reference(tiny_lm, agents, mode, chunk_size):
     params = SamplingParams(max_new_tokens=24)
-    engine = LLMEngine(tiny_lm, EngineConfig(max_running=1, chunk_size=chunk_size))
+    config = EngineConfig(max_running=1, chunk_size=chunk_size, probe_top1=False)
+    engine = LLMEngine(tiny_lm, config)
     for i, prompt in enumerate(PROMPTS[:3]):
         got = engine.generate([Request(str(i), prompt, params, agents[mode])])[str(i)]
         want_ids, want_traces = reference(tiny_lm, prompt, agents[mode], params)
@@ -49,7 +53,9 @@ def test_batch_of_one_equals_reference(tiny_lm, agents, mode, chunk_size):
         assert [t.candidates for t in got[1]] == [t.candidates for t in want_traces]
 
 
-@pytest.mark.parametrize(("chunk_size", "probe_top1"), [(None, True), (None, False), (4, True)])
+@pytest.mark.parametrize(
+    ("chunk_size", "probe_top1"), [(ALL, True), (ALL, False), (4, False), (None, None)]
+)
 def test_batch_of_eight_with_requests_joining_at_different_steps(
     tiny_lm, agents, chunk_size, probe_top1
 ):
