@@ -31,7 +31,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.first_scheduled_time: float | None = None
         self.reported_queue_time = False
-        self.rank0_rate = 0.5  # EMA of "the agent accepted the top-1" (a cost hint, step.py)
+        # EMAs of "the agent accepted the top-1" and "rejected everything" (cost hints, step.py)
+        self.rank0_rate = 0.5
+        self.fallback_rate = 0.0
 
     @property
     def request_id(self) -> str:

@@ -4,7 +4,8 @@
    the one sampled token);
 2. ONE forward of all rows' candidates (`ModelRunner.forward_tokens`, tree attention);
 3. one agent call per distinct agent on all its rows' candidate states;
-4. per row the first accepted candidate (all rejected → rank 0, the top-1);
+4. per row the first accepted candidate (all rejected → rank 0, the top-1; an agent with
+   `fallback_last = True` — training episodes — gets the last candidate instead);
 5. commit only the chosen tokens' K/V and run the LM head on the chosen states only.
 
 Chunked mode (`chunk_size=m`) evaluates the first m candidates, then the next m only for rows
@@ -68,11 +69,14 @@ def _round_size(row: _Row, seq: Sequence, chunk_size: int | None, probe: bool) -
     Any split gives the same tokens (each candidate sees prefix + itself only); this is purely
     a cost choice. On CPUs a forward of 2+ tokens costs ~1.5x one token (gemm vs gemv), so a
     row whose agent has mostly accepted the top-1 lately (a trained agent on benign text)
-    first tries rank 0 alone, and only scores the rest if it is rejected.
+    first tries rank 0 alone; a row whose agent keeps rejecting everything (it will judge the
+    whole list anyway) gets all its candidates in one forward instead of chunk after chunk.
     """
     if probe and row.offset == 0 and row.needs_agent and seq.rank0_rate >= PROBE_THRESHOLD:
         return 1
-    return len(row.cands) if chunk_size is None else chunk_size
+    if chunk_size is None or seq.fallback_rate >= PROBE_THRESHOLD:
+        return len(row.cands)
+    return chunk_size
 
 
 def decode_step(
@@ -134,10 +138,15 @@ def decode_step(
                     row.offset += n  # all of this chunk rejected: judge the next one
                     still.append(i)
                     continue
-                else:  # all rejected: emit the top-1 (default_action_idx = 0, MARA_SPEC.md §3)
-                    row.chosen, row.fallback = 0, True
+                else:  # all rejected: emit the top-1 (default_action_idx = 0, MARA_SPEC.md §3),
+                    # or the last candidate for a training agent with `fallback_last` (the
+                    # authors' training-time rule; the last rank is in this final round)
+                    last = getattr(seqs[i].agent, "fallback_last", False)
+                    row.chosen, row.fallback = (len(row.cands) - 1 if last else 0), True
             chosen_hidden[i] = (
-                hidden[start + row.chosen - row.offset] if not row.fallback else rank0_hidden[i]
+                rank0_hidden[i]
+                if row.fallback and row.chosen == 0
+                else hidden[start + row.chosen - row.offset]
             )
         pending = still
     # Keep only the chosen candidates' K/V; the LM head runs on the chosen states only.
@@ -152,6 +161,7 @@ def decode_step(
         s.next_logits = logits[i]
         if row.needs_agent:
             s.rank0_rate = 0.8 * s.rank0_rate + 0.2 * (row.chosen == 0 and not row.fallback)
+            s.fallback_rate = 0.8 * s.fallback_rate + 0.2 * row.fallback
         traces.append(TokenTrace(
             token_id=row.cands[row.chosen], num_candidates=len(row.cands),
             accepted_rank=row.chosen,
