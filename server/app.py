@@ -18,7 +18,7 @@ from server.body_limit import BodySizeLimitMiddleware
 from server.errors import install_exception_handlers
 from server.lifecycle import lifespan_for
 from server.metrics import ServerMetrics
-from server.routes import admin, health, models, openai
+from server.routes import admin, health, models, openai, ui
 from server.settings import Settings
 from server.state import ServerState
 
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
     )
     app.state.mara = state
     install_exception_handlers(app)
-    for router in (openai.router, models.router, admin.router, health.router):
+    for router in (openai.router, models.router, admin.router, health.router, ui.router):
         app.include_router(router)
     if settings.cors_origins:
         app.add_middleware(
