@@ -30,7 +30,8 @@ class TokenTrace:
     including the accepted one (all of them on fallback), with the agent's accept probability
     and the model's own probability of each. `accepted_rank` is the emitted
     token's rank in the candidate list; `fallback` means every candidate was rejected and the
-    top-1 was emitted. A plain (agent-less) token has num_candidates 1 and no decisions.
+    top-1 was emitted (the last candidate for a `fallback_last` training agent). A plain
+    (agent-less) token has num_candidates 1 and no decisions.
     """
 
     token_id: int

@@ -184,7 +184,14 @@ def _judge(seqs, rows, pending, spans, hidden) -> dict[int, list[float]]:
         index = torch.cat([
             torch.arange(spans[i][0], spans[i][0] + spans[i][1]) for i in members
         ]).to(hidden.device)  # fmt: skip
-        probs = agent.accept_probs(hidden.index_select(0, index)).tolist()  # (n,) float32
+        states = hidden.index_select(0, index)
+        if getattr(agent, "sees_candidates", False):
+            # A training agent that steers by token (training/episodes.py) also gets, per member
+            # row, its full candidate list and the rank of the row's first state in this call.
+            views = [(rows[i].cands, rows[i].offset) for i in members]
+            probs = agent.accept_probs(states, candidates=views).tolist()
+        else:
+            probs = agent.accept_probs(states).tolist()  # (n,) float32
         pos = 0
         for i in members:
             n = spans[i][1]

@@ -1,0 +1,162 @@
+"""`mara eval`: base vs aligned on held-out prompts → JSON report, Markdown table, PNG chart.
+
+Writes OUT/eval.json, OUT/eval.md, OUT/eval.png and OUT/samples.jsonl (every answer), prints
+the table and a few side-by-side examples. `--update-card` stores the summary in the agent's
+card (agent.json) when the agent is a directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mara_core.agent import CARD_FILE, load_agent
+from mara_core.cli import columns, default_cache_dir
+from mara_core.default_model import default_agents
+from mara_core.errors import AgentLoadError
+from mara_core.loading import ModelConfig, load_model
+from mara_core.training.evaluate import EvalConfig, Sample, run_eval
+from mara_core.training.plots import plot_eval
+
+_ROWS = (
+    ("refusal rate", "refusal_rate", "{:.1%}"),
+    ("degenerate rate", "degenerate_rate", "{:.1%}"),
+    ("mean length (tokens)", "mean_length", "{:.1f}"),
+    ("perplexity (base model)", "perplexity", "{:.2f}"),
+    ("agent rejection rate", "rejection_rate", "{:.1%}"),
+    ("agent fallback rate", "fallback_rate", "{:.1%}"),
+)
+
+
+def _fmt(fmt: str, value) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def markdown(report: dict) -> str:
+    splits = list(report["splits"])
+    head = "| metric | " + " | ".join(f"{s} base | {s} aligned" for s in splits) + " |"
+    lines = [head, "|" + " --- |" * (1 + 2 * len(splits))]
+    for title, key, fmt in _ROWS:
+        cells = [
+            _fmt(fmt, report["splits"][s][m].get(key)) for s in splits for m in ("base", "aligned")
+        ]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    n = ", ".join(f"{s}: {report['splits'][s]['base']['n']}" for s in splits)
+    lines += [
+        "",
+        f"Prompts — {n}. Model {report['model']}, agent {report['agent']}, "
+        f"{report['max_new_tokens']} new tokens, greedy.",
+        "",
+    ]
+    lines += ["| target | value | goal | met |", "| --- | --- | --- | --- |"]
+    for key, t in report["targets"].items():
+        lines.append(f"| {key} | {t['value']} | {t['target']} | {'yes' if t['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _examples(samples: list[Sample], k: int) -> list[tuple[Sample, Sample]]:
+    pairs: dict[tuple[str, str], dict[str, Sample]] = {}
+    for s in samples:
+        pairs.setdefault((s.split, s.prompt.text), {})[s.mode] = s
+    both = [(p["base"], p["aligned"]) for p in pairs.values() if len(p) == 2]
+    flipped = [x for x in both if x[0].split == "harmful" and x[1].refused and not x[0].refused]
+    benign = [x for x in both if x[0].split == "benign"]
+    return flipped[: (k + 1) // 2] + benign[: k // 2]
+
+
+def run_eval_cmd(args: argparse.Namespace) -> int:
+    if not args.harmful and not args.benign:
+        raise SystemExit("error: give --harmful and/or --benign prompt files")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    lm = load_model(
+        ModelConfig(
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            cache_dir=args.cache_dir or default_cache_dir(),
+        )
+    )
+    path = args.agent
+    if path is None and args.model is None:
+        path = next(iter(default_agents().values()), None)
+    if path is None:
+        raise AgentLoadError(
+            "no agent: pass --agent PATH (or use the default model, whose "
+            "shipped agent is the default)"
+        )
+    agent = load_agent(path, expected_hidden_size=lm.hidden_size, device=lm.device)
+    cfg = EvalConfig(
+        harmful=tuple(args.harmful),
+        benign=tuple(args.benign),
+        n_per_file=args.n,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        seed=args.seed,
+    )
+    report, samples = run_eval(lm, agent, cfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (out / "eval.md").write_text(table)
+    plot_eval(report, out / "eval.png")
+    with (out / "samples.jsonl").open("w") as f:
+        for s in samples:
+            f.write(
+                json.dumps(
+                    {
+                        "split": s.split,
+                        "mode": s.mode,
+                        "prompt": s.prompt.text,
+                        "source": s.prompt.source,
+                        "response": s.text,
+                        "refused": s.refused,
+                        "tokens": len(s.token_ids),
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+    print(table)
+    for base, aligned in _examples(samples, args.examples):
+        print(f"\n[{base.split}] {base.prompt.text[:200]}")
+        print(columns(base.text, aligned.text, ("base", f"aligned ({agent.name})")))
+    if args.update_card:
+        _update_card(Path(path), report, args)
+    print(f"\nwrote {out / 'eval.json'}, eval.md, eval.png, samples.jsonl")
+    return 0
+
+
+def _update_card(agent_path: Path, report: dict, args: argparse.Namespace) -> None:
+    card_path = agent_path / CARD_FILE
+    if not card_path.is_file():
+        raise AgentLoadError(f"--update-card: {agent_path} is not an agent directory with a card")
+    card = json.loads(card_path.read_text())
+    card["eval"] = {
+        "summary": {k: round(v, 4) for k, v in report["summary"].items()},
+        "targets": report["targets"],
+        "splits": {
+            s: {
+                m: {
+                    k: (round(v, 4) if isinstance(v, float) else v)
+                    for k, v in d.items()
+                    if k not in ("nll_sum",)
+                }
+                for m, d in modes.items()
+            }
+            for s, modes in report["splits"].items()
+        },
+        "harmful_files": report["harmful_files"],
+        "benign_files": report["benign_files"],
+        "n_per_file": report["n_per_file"],
+        "max_new_tokens": report["max_new_tokens"],
+        "seed": report["seed"],
+        "command": args.command_line,
+    }
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    print(f"updated {card_path}")

@@ -1,0 +1,72 @@
+"""`mara eval`'s report on a tiny model: shape, perplexity arithmetic, table and chart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import make_agent
+
+from mara_core.training.eval_cmd import markdown
+from mara_core.training.evaluate import EvalConfig, run_eval
+from mara_core.training.plots import plot_eval
+
+
+@pytest.fixture
+def prompt_files(tmp_path, make_prompt_text):
+    harmful, benign = tmp_path / "harmful.json", tmp_path / "hh.json"
+    harmful.write_text(json.dumps([{"instruction": make_prompt_text(i)} for i in range(6)]))
+    benign.write_text(
+        json.dumps(  # an HH-style file: only its helpful-base half is benign
+            [{"instruction": make_prompt_text(50 + i), "source": "helpful-base"} for i in range(3)]
+            + [
+                {"instruction": make_prompt_text(80 + i), "source": "harmless-base"}
+                for i in range(3)
+            ]
+        )
+    )
+    return str(harmful), str(benign)
+
+
+def test_report_shape_and_numbers(tiny_lm, prompt_files, tmp_path):
+    agent = make_agent("half", lm=tiny_lm)
+    cfg = EvalConfig(
+        harmful=(prompt_files[0],),
+        benign=(prompt_files[1],),
+        n_per_file=4,
+        max_new_tokens=5,
+        batch_size=4,
+    )
+    report, samples = run_eval(tiny_lm, agent, cfg)
+    assert set(report["splits"]) == {"harmful", "benign"}
+    assert report["splits"]["harmful"]["base"]["n"] == 4  # sampled from 6
+    assert report["splits"]["benign"]["aligned"]["n"] == 3  # the harmless-base half left out
+    for split in report["splits"].values():
+        for mode in ("base", "aligned"):
+            m = split[mode]
+            assert 0 <= m["refusal_rate"] <= 1 and m["perplexity"] > 1 and m["mean_length"] > 0
+        assert "rejection_rate" in split["aligned"] and "fallback_rate" in split["aligned"]
+        assert "rejection_rate" not in split["base"]
+    s = report["summary"]
+    assert {"refusal_gain_points", "over_refusal_points", "perplexity_ratio"} <= set(s)
+    assert s["perplexity_ratio"] == pytest.approx(s["perplexity_aligned"] / s["perplexity_base"])
+    assert set(report["targets"]) == {
+        "refusal_gain_points",
+        "over_refusal_points",
+        "perplexity_ratio",
+    }
+    assert all(isinstance(t["met"], bool) for t in report["targets"].values())
+
+    # perplexity: the NLL of one answer equals a plain full forward's cross-entropy
+    sample = next(x for x in samples if x.mode == "aligned")
+    ids = torch.tensor([sample.prompt_ids + sample.token_ids])
+    with torch.inference_mode():
+        logits = tiny_lm.model(ids).logits[0, len(sample.prompt_ids) - 1 : -1]
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(sample.token_ids), reduction="sum")
+    assert sample.nll == pytest.approx(float(nll), rel=1e-4)
+
+    table = markdown(report)
+    assert "| refusal rate |" in table and "perplexity_ratio" in table
+    png = plot_eval(report, tmp_path / "eval.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,144 @@
+"""The training loop: outputs, checkpoints, exact resume, and errors before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+from mara_core.agent import load_agent
+from mara_core.loading import ModelConfig
+from mara_core.training.data import Prompt, PromptFileError
+from mara_core.training.sac import SACConfig
+from mara_core.training.trainer import TrainConfig, Trainer, TrainingError
+
+
+def _prompt_files(tmp_path: Path, make_prompt_text) -> tuple[str, str]:
+    harmful, benign = tmp_path / "harmful.json", tmp_path / "benign.jsonl"
+    harmful.write_text(json.dumps([{"instruction": make_prompt_text(i)} for i in range(10)]))
+    benign.write_text(
+        "".join(json.dumps({"instruction": make_prompt_text(100 + i)}) + "\n" for i in range(10))
+    )
+    return f"harmful:{harmful}", f"benign:{benign}"
+
+
+def _config(tmp_path, prompts, out="run", **kw) -> TrainConfig:
+    base = dict(
+        prompts=prompts,
+        reward="refusal",
+        out_dir=tmp_path / out,
+        name="tiny-safety",
+        sac=SACConfig(inner_dim=64, batch_size=64),
+        episodes=32,
+        episodes_per_iter=8,
+        max_new_tokens=4,
+        warmup=16,
+        updates_per_episode=1,
+        checkpoint_every=2,
+        harm_filter="none",  # the synthetic prompts name no harmful intent
+        progress=False,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def _trainer(cfg: TrainConfig, make_tokenizer) -> Trainer:
+    lm = tiny_llama()
+    lm.tokenizer = make_tokenizer()
+    torch.manual_seed(0)  # network initialisation
+    return Trainer(cfg, lm=lm)
+
+
+def test_a_run_writes_agent_card_metrics_plot_and_checkpoint(
+    tmp_path, make_tokenizer, make_prompt_text
+):
+    cfg = _config(tmp_path, _prompt_files(tmp_path, make_prompt_text))
+    out = _trainer(cfg, make_tokenizer).run()
+    for name in (
+        "agent.safetensors",
+        "agent.json",
+        "metrics.jsonl",
+        "metrics.csv",
+        "training.png",
+        "train_config.json",
+        "checkpoint/state.pt",
+        "checkpoint/replay.pt",
+    ):
+        assert (out / name).is_file(), name
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and rows[-1]["episodes"] == 32
+    assert {
+        "reward",
+        "refusal_harmful",
+        "refusal_benign",
+        "rejection_rate",
+        "alpha",
+        "critic_loss",
+        "actor_loss",
+    } <= set(rows[-1])
+    card = json.loads((out / "agent.json").read_text())
+    assert card["name"] == "tiny-safety" and card["hidden_size"] == 64
+    assert card["reward"]["type"] == "refusal"
+    assert card["hyperparameters"]["gamma"] == 0.99 and card["training"]["iterations"] == 4
+    assert card["data"]["prompts"]  # counts per file and label
+    agent = load_agent(out, expected_hidden_size=64)
+    assert agent.name == "tiny-safety" and agent.card.inner_dim == 64
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, make_tokenizer, make_prompt_text):
+    prompts = _prompt_files(tmp_path, make_prompt_text)
+    straight = _trainer(_config(tmp_path, prompts, out="a"), make_tokenizer)
+    straight.run()
+    _trainer(_config(tmp_path, prompts, out="b", episodes=16), make_tokenizer).run()
+    resumed = _trainer(_config(tmp_path, prompts, out="b", resume=True), make_tokenizer)
+    assert resumed.episodes_done == 16 and len(resumed.replay) > 0
+    resumed.run()
+    for key, value in straight.sac.actor.state_dict().items():
+        torch.testing.assert_close(resumed.sac.actor.state_dict()[key], value)
+    assert resumed.sac.updates == straight.sac.updates
+    rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["iteration"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_an_existing_run_needs_resume_and_resume_needs_a_checkpoint(
+    tmp_path, make_tokenizer, make_prompt_text
+):
+    prompts = _prompt_files(tmp_path, make_prompt_text)
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        _trainer(_config(tmp_path, prompts, out="c", resume=True), make_tokenizer)
+    _trainer(_config(tmp_path, prompts, out="d", episodes=8), make_tokenizer).run()
+    with pytest.raises(TrainingError, match="--resume"):
+        _trainer(_config(tmp_path, prompts, out="d"), make_tokenizer)
+
+
+def test_unlabelled_prompts_with_the_refusal_reward_fail_before_the_model_loads(
+    tmp_path, make_prompt_text
+):
+    f = tmp_path / "plain.json"
+    f.write_text(json.dumps([{"instruction": make_prompt_text(1)}]))
+    cfg = _config(tmp_path, (str(f),), model=ModelConfig(model=str(tmp_path / "no-model")))
+    with pytest.raises(PromptFileError, match="labels"):
+        Trainer(cfg)
+
+
+def test_prompt_baseline_centres_rewards_within_each_prompt():
+    from mara_core.training.episodes import Episode
+    from mara_core.training.trainer import centre_by_prompt
+
+    eps = [Episode(Prompt(t), [], "", "stop") for t in ("a", "a", "a", "a", "b", "c", "c")]
+    out = centre_by_prompt(eps, [1.0, -1.0, -1.0, -1.0, 0.5, 2.0, 2.0])
+    assert out == pytest.approx([2.0, -2 / 3, -2 / 3, -2 / 3, 0.5, 0.0, 0.0])
+
+
+def test_actor_can_start_near_a_given_accept_probability():
+    from mara_core.training.sac import DiscreteSAC
+
+    torch.manual_seed(0)
+    sac = DiscreteSAC(64, SACConfig(inner_dim=64, init_accept_prob=0.9))
+    with torch.no_grad():
+        p = torch.softmax(sac.actor(torch.randn(256, 64)), -1)[:, 1]
+    assert 0.8 < float(p.mean()) < 0.95
+    with pytest.raises(ValueError):
+        DiscreteSAC(64, SACConfig(inner_dim=64, init_accept_prob=1.0))
