@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv model serve test test-core lint bench bench-quick fuzz clean
+.PHONY: venv model serve test test-core lint bench bench-quick fuzz load soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ bench: model
 bench-quick: model
 	$(BIN)/python bench/decode.py --quick
 	$(BIN)/python bench/serve.py --quick
+
+fuzz: model
+	$(BIN)/python bench/fuzz.py $(ARGS)
+
+load: model
+	$(BIN)/python bench/load.py $(ARGS)
+
+soak: model
+	$(BIN)/python bench/soak.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -45,6 +45,11 @@ class SamplingParams:
         return MARA_DEFAULT_TOP_P if self.top_p is None else self.top_p
 
 
+# Below this temperature sampling is greedy: the distribution is one-hot in float32 anyway, and
+# logits / 1e-300 overflow to inf (softmax NaN: every such request would fail).
+GREEDY_BELOW = 1e-5
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     """A private generator per seeded request, so its samples do not depend on its neighbours."""
     if seed is None:
@@ -57,8 +62,9 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 def sample_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> int:
-    """Draw the next token of a plain row from its logits (V,). temperature 0 is greedy."""
-    if params.temperature == 0.0:
+    """Draw the next token of a plain row from its logits (V,). A temperature below
+    GREEDY_BELOW (0 included) is greedy."""
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     scores = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < scores.numel():

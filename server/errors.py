@@ -11,6 +11,7 @@ first row, so the HTTP handlers and the in-band error events of streams give the
 | ContextLengthExceededError      | 400    | context_length_exceeded           |
 | AgentLoadError                  | 400    | invalid_agent                     |
 | APIError subclasses             | theirs (401 invalid_api_key, 404 model_not_found, 413, …) |
+| RequestTimeoutError (APIError)  | 408 (request_timeout_s passed)    | request_timeout          |
 | HTTPException (routing)         | its status (404 unknown route, 405 wrong method)           |
 | QueueFullError                  | 429 + Retry-After                 | queue_full               |
 | EngineNotReadyError             | 503 + Retry-After                 | engine_not_ready         |
@@ -24,14 +25,15 @@ Bad input never reaches the 500 row: bounds live in the protocol models and the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from mara_core.errors import (
     AgentLoadError,
@@ -143,6 +145,14 @@ class ServiceUnavailableError(APIError):
         super().__init__(message, code=code, headers={"Retry-After": str(RETRY_AFTER_UNAVAIL)})
 
 
+class RequestTimeoutError(APIError):
+    """The request ran past the server's `request_timeout_s` and was aborted."""
+
+    status_code = 408
+    error_type = "timeout_error"
+    default_code = "request_timeout"
+
+
 class GenerationError(APIError):
     """The engine failed a request (finish_reason "error"): the server's fault, not the input's."""
 
@@ -246,8 +256,30 @@ def describe(exc: BaseException) -> ErrorPayload:
     return _internal(Exception())
 
 
+def _leaf_routes(routes: list[Any]) -> Iterator[Any]:
+    """Routes, with included routers expanded (FastAPI ≥ 0.120 keeps them nested)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        yield from _leaf_routes(inner.routes) if inner is not None else (route,)
+
+
+def _allowed_methods(request: Request, fallback: str) -> str:
+    """Every method the request's path supports (RFC 9110: a 405 lists them in `Allow`).
+
+    The router's own 405 names only the first route that matched the path, so a path served
+    by two routes (PUT and DELETE /admin/agents/{name}) would advertise one of them."""
+    methods: set[str] = set()
+    for route in _leaf_routes(request.app.router.routes):
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods)) or fallback
+
+
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
     payload = describe(exc)
+    if payload.status_code == 405:
+        allow = _allowed_methods(request, payload.headers.get("Allow", ""))
+        payload = replace(payload, headers={**payload.headers, "Allow": allow})
     if payload.status_code >= 500 and payload.code == "internal_error":
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return payload.response()

@@ -85,6 +85,7 @@ def wire(state: ServerState, engine: AsyncEngine) -> None:
         metrics=state.metrics,
         inflight=state.inflight,
         max_model_len=engine.engine.max_model_len,
+        vocab_size=lm.vocab_size,
         traces=TraceRenderer(lm.tokenizer),
     )
     state.lm, state.registry, state.models, state.agents = lm, registry, models, admin

@@ -11,9 +11,15 @@ from starlette.responses import JSONResponse
 
 from server.auth import require_admin_key
 from server.protocol.admin import AgentInfo, AgentList, AgentLoadRequest, AgentUnloaded
+from server.protocol.errors import error_responses
 from server.routes.deps import ReadyState
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin_key)],
+    responses=error_responses(401, 403, 503),
+)
 
 
 @router.get("/agents", response_model=AgentList)
@@ -27,7 +33,10 @@ async def list_agents(state: ReadyState) -> AgentList:
     "/agents/{name}",
     response_model=AgentInfo,
     status_code=200,
-    responses={201: {"model": AgentInfo, "description": "loaded under a new name"}},
+    responses={
+        201: {"model": AgentInfo, "description": "loaded under a new name"},
+        **error_responses(400, 404, 409, 413),
+    },
 )
 async def put_agent(name: str, body: AgentLoadRequest, state: ReadyState) -> JSONResponse:
     """Loads an agent from the agent directory under `name`, replacing any agent of that name
@@ -37,7 +46,7 @@ async def put_agent(name: str, body: AgentLoadRequest, state: ReadyState) -> JSO
     return JSONResponse(info.model_dump(mode="json"), status_code=200 if info.replaced else 201)
 
 
-@router.delete("/agents/{name}", response_model=AgentUnloaded)
+@router.delete("/agents/{name}", response_model=AgentUnloaded, responses=error_responses(404))
 async def delete_agent(name: str, state: ReadyState) -> AgentUnloaded:
     """Unloads an agent; requests using it finish with it."""
     assert state.agents is not None

@@ -5,13 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from server.errors import RETRY_AFTER_UNAVAIL
 from server.metrics import CONTENT_TYPE
+from server.protocol.health import ServerStatus
 from server.routes.deps import State
 
 router = APIRouter(tags=["ops"])
+
+_UNHEALTHY = {503: {"model": ServerStatus, "description": "failed, or the engine thread died"}}
+_NOT_READY = {
+    503: {
+        "model": ServerStatus,
+        "description": "loading, draining or failed",
+        "headers": {"Retry-After": {"schema": {"type": "string"}}},
+    }
+}
+_METRICS = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
 def _status(state: Any) -> dict[str, Any]:
@@ -23,7 +34,7 @@ def _status(state: Any) -> dict[str, Any]:
     }
 
 
-@router.get("/health")
+@router.get("/health", response_model=ServerStatus, responses=_UNHEALTHY)
 async def health(state: State) -> JSONResponse:
     """Liveness: 200 while the process is healthy (also while loading); 503 when the model
     failed to load or the engine thread died (restart the process)."""
@@ -33,7 +44,7 @@ async def health(state: State) -> JSONResponse:
     )
 
 
-@router.get("/ready")
+@router.get("/ready", response_model=ServerStatus, responses=_NOT_READY)
 async def ready(state: State) -> JSONResponse:
     """Readiness: 200 only when the model and startup agents are loaded and the server is not
     draining; 503 with Retry-After otherwise."""
@@ -46,7 +57,7 @@ async def ready(state: State) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=_METRICS)
 async def metrics(state: State) -> Response:
     """Prometheus metrics (text exposition format)."""
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)

@@ -5,10 +5,16 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from server.auth import require_api_key
+from server.protocol.errors import error_responses
 from server.protocol.models import ModelCard, ModelList
 from server.routes.deps import ReadyState
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(401, 503),
+)
 
 
 @router.get("/models", response_model=ModelList)
@@ -19,7 +25,7 @@ async def list_models(state: ReadyState) -> ModelList:
     return state.models.list()
 
 
-@router.get("/models/{model_id:path}", response_model=ModelCard)
+@router.get("/models/{model_id:path}", response_model=ModelCard, responses=error_responses(404))
 async def retrieve_model(model_id: str, state: ReadyState) -> ModelCard:
     """Describes one model or agent (404 `model_not_found` if unknown)."""
     assert state.models is not None

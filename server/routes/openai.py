@@ -8,12 +8,36 @@ from starlette.responses import Response
 from server.auth import require_api_key
 from server.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
 from server.protocol.completion import CompletionRequest, CompletionResponse
+from server.protocol.errors import error_responses
 from server.routes.deps import ReadyState
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(400, 401, 404, 408, 413, 429, 500, 503),
+)
+# With `stream: true` the 200 is an SSE stream, not JSON; `itemSchema` describes one event.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "a JSON chunk (chat.completion.chunk / text_completion), an "
+            "in-band error object, or the last event, [DONE]",
+        }
+    },
+}
+STREAM_RESPONSE = {
+    200: {
+        "description": "the completion; with `stream: true` an SSE stream of chunks",
+        "content": {"text/event-stream": {"itemSchema": SSE_EVENT}},
+    }
+}
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAM_RESPONSE)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, state: ReadyState
 ) -> Response:
@@ -22,7 +46,7 @@ async def create_chat_completion(
     return await state.chat.create(body, request)
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse, responses=STREAM_RESPONSE)
 async def create_completion(
     body: CompletionRequest, request: Request, state: ReadyState
 ) -> Response:

@@ -54,7 +54,16 @@ def resolve_agent_path(agent_dir: Path, requested: str) -> Path:
         raise _path_error("path must be relative to the agent directory")
     if ".." in rel.parts:
         raise _path_error("path must not contain '..'")
-    base = agent_dir.resolve()
+    try:
+        return _resolve_inside(agent_dir.resolve(), rel, requested)
+    except (OSError, RuntimeError) as e:
+        # The OS refuses the path itself (a component over NAME_MAX, a symlink loop, ...):
+        # the client's input, so a 400, never a 500. strerror names no server paths.
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "symlink loop"
+        raise _path_error(f"path cannot be resolved: {reason}") from None
+
+
+def _resolve_inside(base: Path, rel: PurePosixPath, requested: str) -> Path:
     target = (base / rel).resolve()
     if not target.is_relative_to(base):
         raise _path_error("path resolves outside the agent directory (symlink)")

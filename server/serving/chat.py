@@ -69,7 +69,10 @@ class ChatServing:
                            body.stop_strings())
                 for i in range(body.n)
             ]  # fmt: skip
-            return await Generation.start(ctx.engine, request_id, choices, tracker, ctx.inflight)
+            return await Generation.start(
+                ctx.engine, request_id, choices, tracker, ctx.inflight,
+                ctx.settings.request_timeout_s,
+            )  # fmt: skip
         except BaseException:
             tracker.finish("rejected")
             raise

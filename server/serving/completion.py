@@ -61,7 +61,11 @@ class CompletionServing:
             choices: list[ChoiceState] = []
             echoes: list[str] = []
             for p_i, prompt in enumerate(prompts):
-                ids = await ctx.tokenize_text(prompt) if isinstance(prompt, str) else prompt
+                if isinstance(prompt, str):
+                    ids = await ctx.tokenize_text(prompt)
+                else:
+                    ctx.check_token_ids(prompt, "prompt")
+                    ids = prompt
                 max_new = ctx.max_new_tokens(len(ids), body.max_tokens, "max_tokens", "prompt")
                 echo = "" if not body.echo else prompt if isinstance(prompt, str) else (
                     ctx.decode(ids)
@@ -72,7 +76,10 @@ class CompletionServing:
                     choices.append(ctx.choice(index, request_id, ids, params, agent,
                                               body.stop_strings()))  # fmt: skip
                     echoes.append(echo)
-            gen = await Generation.start(ctx.engine, request_id, choices, tracker, ctx.inflight)
+            gen = await Generation.start(
+                ctx.engine, request_id, choices, tracker, ctx.inflight,
+                ctx.settings.request_timeout_s,
+            )  # fmt: skip
         except BaseException:
             tracker.finish("rejected")
             raise

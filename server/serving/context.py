@@ -15,7 +15,7 @@ from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
 from mara_core.async_engine import AsyncEngine
-from mara_core.errors import ContextLengthExceededError
+from mara_core.errors import ContextLengthExceededError, InvalidRequestError
 from mara_core.loading import render_chat
 from mara_core.registry import AgentEntry
 from mara_core.request import Request
@@ -41,6 +41,7 @@ class ServingContext:
     metrics: ServerMetrics
     inflight: InflightRequests
     max_model_len: int
+    vocab_size: int
     traces: TraceRenderer
 
     def check_limits(self, request: SamplingRequest) -> None:
@@ -58,6 +59,12 @@ class ServingContext:
             raise APIError(
                 f"at most {s.max_stop} stop_token_ids are allowed", param="stop_token_ids"
             )
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """Token-id prompts are checked here, not only by the engine: `echo` decodes them first,
+        and the tokenizer overflows on ids outside [0, vocab) (a 500 otherwise)."""
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", param)
 
     def choice(
         self,

@@ -4,14 +4,16 @@
 `Generation` admits every choice's engine request (all or none: if one is refused, the admitted
 ones are aborted and the error is raised before any response starts), then `deltas()` merges
 the choices' outputs in arrival order. A choice that hits a stop string is finished at once and
-its engine request aborted. `aclose()` aborts whatever still runs (client disconnect, error),
-records the request's metrics and leaves the in-flight set; it is idempotent, and every path
-that creates a `Generation` calls it.
+its engine request aborted. With a timeout, `deltas()` raises `RequestTimeoutError` once the
+deadline (admission + timeout) passes. `aclose()` aborts whatever still runs (client
+disconnect, error, timeout), records the request's metrics and leaves the in-flight set; it is
+idempotent, and every path that creates a `Generation` calls it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +21,14 @@ from typing import Any
 from mara_core.async_engine import AsyncEngine
 from mara_core.errors import RequestAbortedError
 from mara_core.request import Request, RequestOutput, TokenTrace
-from server.errors import GenerationError
+from server.errors import GenerationError, RequestTimeoutError
 from server.metrics import RequestTracker
 from server.serving.detokenizer import IncrementalDetokenizer
 from server.serving.stop import StopStringMatcher
 from server.serving.submission import EngineStream, admit
 from server.state import InflightRequests
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,14 +85,18 @@ class Generation:
         choices: list[ChoiceState],
         tracker: RequestTracker,
         inflight: InflightRequests,
+        timeout_s: float | None = None,
     ):
         self.request_id = request_id
         self.choices = choices
         self.tracker = tracker
         self.inflight = inflight
+        self.timeout_s = timeout_s
+        self.deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
         self.status = "aborted"  # until marked otherwise
         self._streams: list[EngineStream] = []
         self._pumps: list[asyncio.Task] = []
+        self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
     @classmethod
@@ -99,8 +107,9 @@ class Generation:
         choices: list[ChoiceState],
         tracker: RequestTracker,
         inflight: InflightRequests,
+        timeout_s: float | None = None,
     ) -> Generation:
-        gen = cls(request_id, choices, tracker, inflight)
+        gen = cls(request_id, choices, tracker, inflight, timeout_s)
         try:
             for choice in choices:
                 gen._streams.append(await admit(engine, choice.request))
@@ -129,9 +138,22 @@ class Generation:
         self._pumps = [
             asyncio.create_task(self._pump(i, s, queue)) for i, s in enumerate(self._streams)
         ]
+        # The deadline arrives as a queue item (index -1), not as a cancellation: each chunk of
+        # a stream is awaited in its own task (transport.py), so a cancel scope around this
+        # generator would not hold, and a cancelled get() could lose an output.
+        if self.deadline is not None:
+            timeout = RequestTimeoutError(
+                f"the request took longer than the server's limit of {self.timeout_s:g} s "
+                "(queueing included) and was stopped; lower max_tokens or retry later"
+            )
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(self.deadline, queue.put_nowait, (-1, timeout))
         remaining = len(self.choices)
         while remaining:
             i, item = await queue.get()
+            if i < 0:
+                log.info("request %s: timed out after %g s", self.request_id, self.timeout_s)
+                raise item  # type: ignore[misc]
             choice = self.choices[i]
             if choice.finish_reason is not None:
                 continue  # finished by a stop string; outputs already in flight are dropped
@@ -161,7 +183,8 @@ class Generation:
         self.status = status
 
     def mark_failed(self, exc: BaseException) -> None:
-        self.status = "aborted" if isinstance(exc, RequestAbortedError) else "error"
+        stopped = isinstance(exc, RequestAbortedError | RequestTimeoutError)
+        self.status = "aborted" if stopped else "error"
 
     async def collect(self) -> list[tuple[str, list[TokenTrace], str]]:
         """Run to the end; per choice (text, traces, finish_reason)."""
@@ -186,6 +209,8 @@ class Generation:
         self._closed = True
         # Everything that matters happens before the first await: a disconnect cancels the
         # stream's cancel scope, and anyio re-cancels every await inside it.
+        if self._timer is not None:
+            self._timer.cancel()
         for task in self._pumps:
             task.cancel()
         for stream in self._streams:
