@@ -224,4 +224,6 @@ def save_agent(network: AgentNetwork, card: AgentCard, out_dir: str | Path) -> P
     sd = {k: v.detach().float().cpu().contiguous() for k, v in network.state_dict().items()}
     save_file(sd, str(out / WEIGHTS_FILE))
     (out / CARD_FILE).write_text(json.dumps(card.to_json(), indent=2) + "\n")
+    for f in (out / WEIGHTS_FILE, out / CARD_FILE):  # safetensors writes 0600; agents are shared
+        f.chmod(0o644)
     return out
