@@ -243,10 +243,8 @@ def run(args: argparse.Namespace) -> int:
 
             return run_generate(args)
         if args.command in ("train", "eval"):
-            import shlex
-
             if not getattr(args, "command_line", None):  # recorded in cards and reports
-                args.command_line = shlex.join(["mara", *sys.argv[1:]])
+                args.command_line = "mara " + args.command
             if args.command == "train":
                 from mara_core.training.train_cmd import run_train
 
@@ -266,7 +264,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    return run(parse_args(build_parser(), argv))
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, and record the exact command (cards and reports quote it)."""
+    import shlex
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.command_line = shlex.join(["mara", *argv])
+    return args
 
 
 def columns(left: str, right: str, titles: tuple[str, str]) -> str:

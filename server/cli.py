@@ -157,7 +157,9 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from mara_core.cli import parse_args
+
+    args = parse_args(build_parser(), argv)
     if args.command != "serve":
         from mara_core.cli import run
 
