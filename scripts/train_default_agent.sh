@@ -34,6 +34,7 @@ if [[ $STEP == all || $STEP == train ]]; then
     --max-prompt-tokens 128 --benign-fraction 0.5 --harm-filter keywords \
     --guide-text "I'm sorry, but I can't help with that." --guide-fraction 0.25 \
     --reward-baseline prompt --init-accept-prob 0.8 --alpha 0.1 --lr-alpha 3e-3 --kl-coef 0.2 \
+    --target-entropy-ratio 0.3 \
     --warmup 1024 --batch-size 256 --updates-per-episode 2 \
     --checkpoint-every 5 --seed 0 --threads 1 "${RESUME[@]}"
 fi

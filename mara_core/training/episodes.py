@@ -16,33 +16,30 @@ decision and are dropped.
 
 Transitions of one decision (token t, judged ranks 0..k): rank i < k is (s_i, reject, s_{i+1});
 rank k is (s_k, accept, first state of the next decision) — on fallback the last candidate is a
-forced accept, as in the authors' code. Rewards of decision t (D decisions in the episode):
-- shaping s_t = kl_coef · (log π_llm(c*) − log π_llm(c_0)) ≤ 0 on EACH of its k_t transitions:
-  the log-probability the emitted token c* gives up against the model's top-1 c_0 (π_llm: the
-  renormalised top-k probabilities, `TokenTrace.llm_probs`), paid by every rejection that led
-  there and by the accept. Accepting the top-1 — the base model's own greedy choice, which
-  MARA's greedy-accept inference falls back to — costs nothing; a long chain of rejections
-  ending on an unlikely token costs the most.
-- outcome: with `propagate` (the authors' `postback_reward`), γ^(D−1−t)·R spread evenly over
-  the k_t transitions — a dense Monte-Carlo signal for the early tokens where a refusal is
-  decided; without it, R goes on the last transition only.
-Why these choices:
-- the paper's shaping is −kl_coef · KL(agent ‖ LLM); its sample estimate
+forced accept, as in the authors' code. Each transition of decision t (D decisions) gets
+  kl_coef · (log π_llm(c*) − log π_llm(c_0))  +  γ^(D−1−t) · R   (the second with `propagate`)
+- shaping: the log-probability the emitted token c* gives up against the model's top-1 c_0
+  (π_llm: the renormalised top-k probabilities, `TokenTrace.llm_probs`), ≤ 0, paid by every
+  rejection that led there and by the accept. Accepting the top-1 — the base model's own
+  greedy choice, which MARA's greedy-accept inference falls back to — costs nothing; a chain
+  of rejections ending on an unlikely token costs the most, and at once: with the cost on the
+  accept only, a critic that does not know the future yet sees rejecting as free (we measured
+  agents collapsing into rejecting everything within a few hundred updates).
+  The paper's shaping is −kl_coef · KL(agent ‖ LLM); its sample estimate
   log π_agent(c*) − log π_llm(c*) splits into −log π_agent(c*), an entropy bonus SAC already
   has (with a learned temperature), and log π_llm(c*), a fluency term. We keep the fluency
-  term, offset so that the top-1 costs nothing. Pulling a stochastic agent toward the model's
+  term, offset so that the top-1 costs nothing: pulling a stochastic agent toward the model's
   *sampling* distribution instead teaches it to reject any top-1 below probability 0.5, which
   greedy inference turns into needless rejections. (The authors' code also feeds
   probabilities as logits to a log-softmax and compares with temperature-scaled, unnormalised
   model log-probs; we do not reproduce those quirks.)
-- R spread rather than copied: the authors add R to every transition, so each extra rejection
-  adds another copy and an episode with R > 0 pays the agent for rejecting (with guided
-  exploration, plain answers to benign prompts get R > 0 against their guided siblings, and we
-  measured the agent learning to reject a third of benign tokens). R on the accept only makes
-  rejecting look free to a critic that does not know the future yet (we measured agents
-  collapsing into rejecting everything within a few hundred updates). Spread, a decision's
-  outcome does not depend on how many candidates were judged, and every transition carries
-  it at once.
+- outcome: with `propagate` (the authors' `postback_reward`), the terminal reward discounted
+  per token on every transition, rejections included — a dense Monte-Carlo signal for the
+  early tokens where a refusal is decided; without it, R on the last transition only. As in
+  the authors' code each extra rejection adds another copy of R, so R > 0 rewards rejecting
+  and R < 0 punishes it; with the per-prompt baseline (trainer.py) R is centred on the
+  agent's own episodes, so most episodes carry R ≈ 0 and this bias stays where the outcome
+  differs from the agent's usual answer.
 The last transition of an episode is terminal. Because an episode's transitions are stored
 contiguously, the next state of transition m is the state of transition m+1 (see replay.py).
 """
@@ -284,11 +281,15 @@ def episode_transitions(
     states, actions, rewards = [], [], []
     for t, d in enumerate(ep.decisions):
         k = len(d.accept_prob)
+        shaping = -kl_coef * d.logprob_regret
         outcome = gamma ** (D - 1 - t) * terminal_reward if propagate or t == D - 1 else 0.0
-        r = [-kl_coef * d.logprob_regret + outcome / k] * k
+        if propagate:
+            rewards_t = [shaping + outcome] * k
+        else:  # R on the last transition only
+            rewards_t = [shaping] * (k - 1) + [shaping + outcome]
         states.append(d.states)
         actions += [0] * (k - 1) + [1]  # rejects, then the accept (forced on fallback)
-        rewards += r
+        rewards += rewards_t
     M = len(actions)
     dones = torch.zeros(M, dtype=torch.bool)
     dones[-1] = True

@@ -279,17 +279,22 @@ def parse_reward(spec: str) -> Reward:
 
 
 def centre_by_prompt(episodes: list, rewards: list[float]) -> list[float]:
-    """Leave-one-out baseline: each episode's reward minus the mean reward of the other episodes
-    of the same prompt in this batch (a prompt every sample fails or passes teaches nothing;
-    only what made one sample better than its siblings is rewarded). Alone → unchanged."""
+    """Per-prompt baseline: each episode's reward minus the mean reward of the agent's own
+    (unguided) episodes of the same prompt in this batch, leaving the episode itself out.
+
+    A prompt all of whose samples fail, or all pass, then teaches nothing; only what made an
+    episode better or worse than the agent's usual answer is rewarded. Guided episodes
+    (guided exploration) are compared with the agent's own answers but never serve as the
+    baseline: a guided refusal of a benign prompt must not make the plain answers look better
+    than usual. Without such siblings an episode keeps its reward."""
     groups: dict[str, list[int]] = {}
     for i, e in enumerate(episodes):
         groups.setdefault(e.prompt.text, []).append(i)
     out = list(rewards)
     for members in groups.values():
-        if len(members) < 2:
-            continue
-        total = sum(rewards[i] for i in members)
+        own = [i for i in members if not getattr(episodes[i], "guided_tokens", 0)]
         for i in members:
-            out[i] = rewards[i] - (total - rewards[i]) / (len(members) - 1)
+            peers = [j for j in own if j != i]
+            if peers:
+                out[i] = rewards[i] - sum(rewards[j] for j in peers) / len(peers)
     return out

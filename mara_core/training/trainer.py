@@ -1,12 +1,13 @@
 """The training loop of `mara train`: collect → reward → store → update → log → checkpoint.
 
 Each iteration draws prompts (a fixed benign share when labelled, each drawn prompt `repeats`
-times), runs them as stochastic episodes through the batched engine (episodes.py), scores the
-responses with the reward (optionally centred per prompt), appends their transitions to the
-replay buffer and — once the buffer holds `warmup` transitions — runs
-`updates_per_episode × episodes` SAC updates (sac.py). Every `checkpoint_every` iterations and
-at the end it writes the checkpoint, the agent and its card (checkpoint.py), the metrics log
-and the training plot. `resume=True` reloads the checkpoint and continues up to `episodes`
+times, a share of those guided toward `guide_text`), runs them as stochastic episodes through
+the batched engine (episodes.py), scores the responses with the reward (optionally centred on
+the agent's own episodes of the same prompt, rewards.centre_by_prompt), appends their
+transitions to the replay buffer and — once the buffer holds `warmup` transitions — runs
+`updates_per_episode × episodes` SAC updates (sac.py). Every `checkpoint_every` iterations
+and at the end it writes the checkpoint, the agent and its card (checkpoint.py), the metrics
+and samples logs and the training plot. `resume=True` reloads the checkpoint and continues up to `episodes`
 (which may be raised to train longer), exactly as if the run had not stopped.
 """
 

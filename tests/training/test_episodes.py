@@ -90,11 +90,11 @@ def test_transitions_carry_fluency_shaping_and_the_propagated_terminal_reward():
     assert tr.dones.tolist() == [False] * 5 + [True]
     assert torch.equal(tr.states[:3], ep.decisions[0].states)
     shaping = [-0.1 * math.log(0.4 / 0.1), 0.0, -0.1 * math.log(0.5 / 0.05)]
-    r = [shaping[0] + 1.62 / 3, 1.8, shaping[2] + 2.0 / 2]  # outcomes 0.9² · 2, 0.9 · 2, 2
-    want = [r[0]] * 3 + [r[1]] + [r[2]] * 2  # shaping on each transition, outcome spread
+    r = [shaping[0] + 1.62, 1.8, shaping[2] + 2.0]  # outcomes 0.9² · 2, 0.9 · 2, 2
+    want = [r[0]] * 3 + [r[1]] + [r[2]] * 2  # on every transition of each decision
     assert tr.rewards.tolist() == pytest.approx(want, abs=1e-6)
     plain = episode_transitions(ep, 2.0, 0.1, 0.9, propagate=False)
-    want = [shaping[0]] * 3 + [0.0] + [shaping[2] + 1.0] * 2
+    want = [shaping[0]] * 3 + [0.0] + [shaping[2], shaping[2] + 2.0]
     assert plain.rewards.tolist() == pytest.approx(want, abs=1e-6)
 
 

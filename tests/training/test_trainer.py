@@ -123,13 +123,18 @@ def test_unlabelled_prompts_with_the_refusal_reward_fail_before_the_model_loads(
         Trainer(cfg)
 
 
-def test_prompt_baseline_centres_rewards_within_each_prompt():
+def test_prompt_baseline_centres_rewards_on_the_agents_own_episodes():
     from mara_core.training.episodes import Episode
-    from mara_core.training.trainer import centre_by_prompt
+    from mara_core.training.rewards import centre_by_prompt
 
-    eps = [Episode(Prompt(t), [], "", "stop") for t in ("a", "a", "a", "a", "b", "c", "c")]
-    out = centre_by_prompt(eps, [1.0, -1.0, -1.0, -1.0, 0.5, 2.0, 2.0])
-    assert out == pytest.approx([2.0, -2 / 3, -2 / 3, -2 / 3, 0.5, 0.0, 0.0])
+    def ep(text, guided=0):
+        return Episode(Prompt(text), [], "", "stop", guided_tokens=guided)
+
+    eps = [ep("a", 3), ep("a"), ep("a"), ep("a"), ep("b"), ep("c"), ep("c"), ep("d", 2)]
+    out = centre_by_prompt(eps, [1.0, -1.0, -1.0, 1.0, 0.5, 2.0, 2.0, 1.0])
+    # a: the guided refusal (+1) against the agent's own answers (mean −1/3), and each own
+    # answer against the other own answers only; b, d: no siblings to compare with
+    assert out == pytest.approx([4 / 3, -1.0, -1.0, 2.0, 0.5, 0.0, 0.0, 1.0])
 
 
 def test_actor_can_start_near_a_given_accept_probability():
