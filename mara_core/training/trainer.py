@@ -7,8 +7,8 @@ the agent's own episodes of the same prompt, rewards.centre_by_prompt), appends 
 transitions to the replay buffer and — once the buffer holds `warmup` transitions — runs
 `updates_per_episode × episodes` SAC updates (sac.py). Every `checkpoint_every` iterations
 and at the end it writes the checkpoint, the agent and its card (checkpoint.py), the metrics
-and samples logs and the training plot. `resume=True` reloads the checkpoint and continues up to `episodes`
-(which may be raised to train longer), exactly as if the run had not stopped.
+and samples logs and the training plot. `resume=True` reloads the checkpoint and continues up
+to `episodes` (which may be raised to train longer), exactly as if the run had not stopped.
 """
 
 from __future__ import annotations

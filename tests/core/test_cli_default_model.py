@@ -53,8 +53,9 @@ def test_compare_json_gives_base_and_aligned_matching_the_reference(default_lm, 
     from mara_core.agent import load_agent
 
     agent = load_agent(agent_dir)
-    want, traces = reference_generate(default_lm.model, ids, agent,
-                                      SamplingParams(max_new_tokens=10), default_lm.eos_token_ids)  # fmt: skip
+    params = SamplingParams(max_new_tokens=10)
+    eos = default_lm.eos_token_ids
+    want, traces = reference_generate(default_lm.model, ids, agent, params, eos)
     assert out["aligned"]["token_ids"] == want
     assert [t["accepted_rank"] for t in out["aligned"]["trace"]] == [
         t.accepted_rank for t in traces

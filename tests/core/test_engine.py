@@ -1,4 +1,4 @@
-"""Engine behaviour: admission, limits, abort, stop tokens, sampling, fault isolation, async face."""
+"""Engine behaviour: admission, limits, abort, stop tokens, sampling, faults, async face."""
 
 import asyncio
 
@@ -53,7 +53,7 @@ def test_every_request_ends_exactly_once_and_slots_are_freed(tiny_lm, agents):
                                    agents["half"] if i % 2 else None))  # fmt: skip
     got = run_all(engine)
     assert sorted(got) == [str(i) for i in range(7)]
-    for rid, (ids, finals) in got.items():
+    for ids, finals in got.values():
         assert len(finals) == 1 and finals[0].finish_reason in ("stop", "length")
         assert finals[0].num_generated_tokens == len(ids)
     assert engine.num_running == 0 and engine.num_waiting == 0
@@ -133,8 +133,8 @@ def test_a_failing_request_fails_alone_and_the_others_finish(tiny_lm, agents):
     got = run_all_requests(engine, reqs)
     assert got["bad"][1][0].finish_reason == "error" and "exploded" in got["bad"][1][0].error
     for rid in ("ok1", "ok2"):
-        want, _ = reference_generate(tiny_lm.model, reqs[0 if rid == "ok1" else 2].prompt_token_ids,
-                                     reqs[0 if rid == "ok1" else 2].agent, params, (1,))  # fmt: skip
+        req = reqs[0 if rid == "ok1" else 2]
+        want, _ = reference_generate(tiny_lm.model, req.prompt_token_ids, req.agent, params, (1,))
         assert got[rid][0] == want and got[rid][1][0].finish_reason in ("stop", "length")
     assert engine.num_running == 0
 
