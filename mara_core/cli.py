@@ -226,6 +226,7 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--chunk-size", type=_optional_int, default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--examples", type=int, default=4, help="side-by-side examples to print")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e.add_argument("--out", default="mara-eval", help="report directory")
     e.add_argument(

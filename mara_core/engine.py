@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -260,9 +261,11 @@ class LLMEngine:
     # ---- convenience --------------------------------------------------------------------
 
     def generate(
-        self, requests: list[Request]
+        self, requests: list[Request], on_finish: Callable[[str], None] | None = None
     ) -> dict[str, tuple[list[int], list[TokenTrace], str]]:
-        """Run requests to completion (all queued at once); returns id → (ids, traces, reason)."""
+        """Run requests to completion (all queued at once); returns id → (ids, traces, reason).
+
+        `on_finish(request_id)` is called as each request finishes (e.g. a progress bar)."""
         results: dict[str, Result] = {r.request_id: ([], [], "") for r in requests}
         for r in requests:
             self.add_request(r)
@@ -273,4 +276,6 @@ class LLMEngine:
                 traces += out.traces
                 if out.finished:
                     results[out.request_id] = (ids, traces, out.finish_reason or "")
+                    if on_finish is not None:
+                        on_finish(out.request_id)
         return results

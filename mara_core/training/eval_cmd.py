@@ -97,6 +97,7 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         seed=args.seed,
+        progress=not args.no_progress,
     )
     report, samples = run_eval(lm, agent, cfg)
     out = Path(args.out)

@@ -51,6 +51,7 @@ class EvalConfig:
     batch_size: int = 16  # engine rows decoded together
     chunk_size: int | None = None
     seed: int = 0
+    progress: bool = False  # a tqdm bar over the answers
 
 
 @dataclass
@@ -101,7 +102,18 @@ def generate_samples(lm: LoadedModel, agent: Agent, cfg: EvalConfig) -> tuple[li
         Request(f"eval-{i}", s.prompt_ids, params, agent if s.mode == "aligned" else None)
         for i, s in enumerate(todo)
     ]
-    results = engine.generate(requests)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(requests), unit="answer", dynamic_ncols=True, desc="mara eval")
+    try:
+        results = engine.generate(
+            requests, on_finish=(lambda _rid: bar.update(1)) if bar is not None else None
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     for s, r in zip(todo, requests, strict=True):
         s.token_ids, s.traces, _ = results[r.request_id]
         s.text = lm.tokenizer.decode(s.token_ids, skip_special_tokens=True)
