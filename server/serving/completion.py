@@ -9,13 +9,12 @@ usage chunk, `data: [DONE]`; errors after the start go in-band as in chat.
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
 from starlette.responses import Response
 
+from mara_core.registry import AgentEntry
 from server.errors import APIError
 from server.protocol.common import UsageInfo
 from server.protocol.completion import (
@@ -25,24 +24,21 @@ from server.protocol.completion import (
     CompletionResponseStreamChoice,
     CompletionStreamResponse,
 )
-from server.serving.context import ServingContext
-from server.serving.generation import ChoiceState, Generation
-from server.serving.transport import DONE, SSEResponse, error_event, json_response, sse_event
+from server.serving.endpoint import EndpointServing, Results
+from server.serving.generation import ChoiceDelta, ChoiceState, Generation
+from server.serving.transport import sse_event
 
 StreamChoice = CompletionResponseStreamChoice
 
 
-class CompletionServing:
-    def __init__(self, ctx: ServingContext):
-        self.ctx = ctx
-
+class CompletionServing(EndpointServing):
     async def create(self, body: CompletionRequest, raw: Request) -> Response:
         gen, echoes = await self._start(body)
-        headers = {"X-Request-Id": gen.request_id}
-        created = int(time.time())
-        if body.stream:
-            return SSEResponse(self._stream(gen, body, echoes, created), gen.aclose, headers)
-        return await json_response(raw, self._full(gen, body, echoes, created), headers)
+        return await self.respond(
+            raw, gen, body.stream,
+            lambda results, created: self._full(gen, body, echoes, results, created),
+            lambda created: self._stream(gen, body, echoes, created),
+        )  # fmt: skip
 
     async def _start(self, body: CompletionRequest) -> tuple[Generation, list[str]]:
         """Check, tokenize and admit every choice; returns it with each choice's echo text."""
@@ -54,12 +50,10 @@ class CompletionServing:
             raise APIError(
                 f"at most {ctx.settings.max_prompts} prompts are allowed", param="prompt"
             )
-        agent = ctx.resolve_model(body)
-        tracker = ctx.tracker(agent)
-        try:
-            request_id = f"cmpl-{uuid.uuid4().hex}"
+        echoes: list[str] = []
+
+        async def build(request_id: str, agent: AgentEntry | None) -> list[ChoiceState]:
             choices: list[ChoiceState] = []
-            echoes: list[str] = []
             for p_i, prompt in enumerate(prompts):
                 if isinstance(prompt, str):
                     ids = await ctx.tokenize_text(prompt)
@@ -76,26 +70,22 @@ class CompletionServing:
                     choices.append(ctx.choice(index, request_id, ids, params, agent,
                                               body.stop_strings()))  # fmt: skip
                     echoes.append(echo)
-            gen = await Generation.start(
-                ctx.engine, request_id, choices, tracker, ctx.inflight,
-                ctx.settings.request_timeout_s,
-            )  # fmt: skip
-        except BaseException:
-            tracker.finish("rejected")
-            raise
-        return gen, echoes
+            return choices
 
-    async def _full(
-        self, gen: Generation, body: CompletionRequest, echoes: list[str], created: int
+        return await self.admit(body, "cmpl", build), echoes
+
+    def _full(
+        self,
+        gen: Generation,
+        body: CompletionRequest,
+        echoes: list[str],
+        results: Results,
+        created: int,
     ) -> CompletionResponse:
-        try:
-            results = await gen.collect()
-        finally:
-            await gen.aclose()
         choices = [
             CompletionResponseChoice(
                 index=i, text=echoes[i] + text, finish_reason=finish,
-                mara_trace=self.ctx.traces.render(traces) if body.mara_trace else None,
+                mara_trace=self.render_traces(body, traces),
             )
             for i, (text, traces, finish) in enumerate(results)
         ]  # fmt: skip
@@ -104,32 +94,22 @@ class CompletionServing:
             usage=UsageInfo(**gen.usage()),
         )  # fmt: skip
 
-    async def _stream(
+    def _stream(
         self, gen: Generation, body: CompletionRequest, echoes: list[str], created: int
     ) -> AsyncIterator[bytes]:
-        def chunk(choices: list[StreamChoice], usage: UsageInfo | None = None) -> bytes:
+        def chunk(choices: list[StreamChoice], usage: UsageInfo | None) -> bytes:
             return sse_event(CompletionStreamResponse(
                 id=gen.request_id, created=created, model=body.model, choices=choices,
                 usage=usage,
             ).model_dump_json())  # fmt: skip
 
-        try:
-            for i, echo in enumerate(echoes):
-                if echo:
-                    yield chunk([StreamChoice(index=i, text=echo)])
-            async for d in gen.deltas():
-                traces = self.ctx.traces.render(d.traces) if body.mara_trace else None
-                if d.text or traces:
-                    yield chunk([StreamChoice(index=d.index, text=d.text, mara_trace=traces)])
-                if d.finish_reason is not None:
-                    end = StreamChoice(index=d.index, text="", finish_reason=d.finish_reason)
-                    yield chunk([end])
-            gen.mark("success")
-            if body.include_usage():
-                yield chunk([], UsageInfo(**gen.usage()))
-        except Exception as e:  # the 200 went out already: report in-band, then [DONE]
-            gen.mark_failed(e)
-            yield error_event(gen.request_id, e)
-        finally:
-            await gen.aclose()
-        yield DONE
+        def delta_choices(d: ChoiceDelta, traces: object) -> list[StreamChoice]:
+            out = []
+            if d.text or traces:
+                out.append(StreamChoice(index=d.index, text=d.text, mara_trace=traces))
+            if d.finish_reason is not None:
+                out.append(StreamChoice(index=d.index, text="", finish_reason=d.finish_reason))
+            return out
+
+        opening = [StreamChoice(index=i, text=echo) for i, echo in enumerate(echoes) if echo]
+        return self.stream_events(gen, body, chunk, opening, delta_choices)
