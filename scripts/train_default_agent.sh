@@ -2,7 +2,7 @@
 # Train, evaluate and install the shipped default agent `smollm2-safety` for the embedded
 # SmolLM2-135M-Instruct — the exact recipe behind mara_core/agents/smollm2-safety/.
 #
-#   scripts/train_default_agent.sh            # train (~1 h on 2 CPU cores), eval, install
+#   scripts/train_default_agent.sh            # train (~40 min on 2 CPU cores), eval (~20 min), install
 #   STEP=eval scripts/train_default_agent.sh  # re-run only the evaluation of a finished run
 #
 # Training prompts (development data, not shipped): harmful = PKU-SafeRLHF train + the
@@ -30,7 +30,7 @@ if [[ $STEP == all || $STEP == train ]]; then
     --prompts "harmful:$DATA/SafeRLHF/train.json" "$DATA/HHrlhf/train.json" \
     --reward refusal \
     --out "$RUN" --name smollm2-safety \
-    --episodes 3200 --episodes-per-iter 32 --repeats 4 --max-new-tokens 16 --chunk-size 2 \
+    --episodes 2880 --episodes-per-iter 32 --repeats 4 --max-new-tokens 16 --chunk-size 2 \
     --max-prompt-tokens 128 --benign-fraction 0.5 --harm-filter keywords \
     --guide-text "I'm sorry, but I can't help with that." --guide-fraction 0.25 \
     --reward-baseline prompt --init-accept-prob 0.8 --alpha 0.1 --lr-alpha 3e-3 --kl-coef 0.2 \

@@ -48,3 +48,15 @@ def make_agent(mode: str, hidden: int = 64, seed: int = 0, lm: LoadedModel | Non
             logits = net(states.reshape(-1, hidden))
             net.output_linear.bias[1] = -(logits[:, 1] - logits[:, 0]).median()
     return Agent(net, AgentCard(name=f"{mode}-agent", hidden_size=hidden, inner_dim=64))
+
+
+def random_prompts(n: int, seed: int = 0, length: int = 6) -> list[list[int]]:
+    """`n` random prompts of `length` ids (never the special ids 0 and 1)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
+
+
+@torch.inference_mode()
+def last_hidden(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
+    """The final hidden state of the last position of `ids` (one plain HF forward)."""
+    return lm.model.model(torch.tensor([ids])).last_hidden_state[0, -1]

@@ -4,8 +4,7 @@ prompts admitted together (repeated episodes of one prompt)."""
 from __future__ import annotations
 
 import pytest
-import torch
-from tiny_models import VOCAB, make_agent
+from tiny_models import last_hidden, make_agent, random_prompts
 
 from mara_core.candidates import select_candidates
 from mara_core.engine import EngineConfig, LLMEngine
@@ -13,21 +12,11 @@ from mara_core.request import Request
 from mara_core.sampling import SamplingParams
 
 
-def _prompts(n: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, VOCAB, (6,), generator=g).tolist() for _ in range(n)]
-
-
-@torch.inference_mode()
-def _hidden(lm, ids: list[int]) -> torch.Tensor:
-    return lm.model.model(torch.tensor([ids])).last_hidden_state[0, -1]
-
-
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_fallback_last_emits_the_last_candidate(tiny_lm, chunk):
     agent = make_agent("reject", lm=tiny_lm)
     agent.fallback_last = True
-    prompts = _prompts(3)
+    prompts = random_prompts(3)
     engine = LLMEngine(tiny_lm, EngineConfig(max_running=3, chunk_size=chunk))
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     out = engine.generate([Request(str(i), p, params, agent) for i, p in enumerate(prompts)])
@@ -35,7 +24,7 @@ def test_fallback_last_emits_the_last_candidate(tiny_lm, chunk):
         ids, traces, _ = out[str(i)]
         seq = list(prompt)
         for tok, trace in zip(ids, traces, strict=True):  # serial: the last candidate each step
-            logits = tiny_lm.model.lm_head(_hidden(tiny_lm, seq))
+            logits = tiny_lm.model.lm_head(last_hidden(tiny_lm, seq))
             cands = select_candidates(logits).token_ids.tolist()
             assert tok == cands[-1]
             assert trace.accepted_rank == len(cands) - 1
@@ -45,7 +34,7 @@ def test_fallback_last_emits_the_last_candidate(tiny_lm, chunk):
 
 def test_identical_prompts_admitted_together_share_one_prefill(tiny_lm, monkeypatch):
     agent = make_agent("half", lm=tiny_lm)
-    a, b = _prompts(2, seed=5)
+    a, b = random_prompts(2, seed=5)
     params = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.0)
     alone = {}
     for key, prompt, ag in (("a-mara", a, agent), ("a-plain", a, None), ("b", b, agent)):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import VOCAB
+from tiny_models import last_hidden, random_prompts
 
 from mara_core.engine import EngineConfig, LLMEngine
 from mara_core.request import Request
@@ -25,23 +25,13 @@ from mara_core.training.episodes import (
 from mara_core.training.sac import DiscreteSAC, SACConfig
 
 
-def _prompts(n: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, VOCAB, (6,), generator=g).tolist() for _ in range(n)]
-
-
-@torch.inference_mode()
-def _hidden(lm, ids: list[int]) -> torch.Tensor:
-    return lm.model.model(torch.tensor([ids])).last_hidden_state[0, -1]
-
-
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_recorded_states_are_the_judged_candidates_states(tiny_lm, chunk):
     """Each decision holds exactly the states of prefix + c_i for the judged candidates."""
     sac = DiscreteSAC(64, SACConfig(inner_dim=64))
     gen = torch.Generator().manual_seed(0)
     agents = [EpisodeAgent(sac.actor, 64, gen) for _ in range(4)]
-    prompts = _prompts(4, seed=1)
+    prompts = random_prompts(4, seed=1)
     engine = LLMEngine(tiny_lm, EngineConfig(max_running=4, chunk_size=chunk))
     params = SamplingParams(max_new_tokens=5, ignore_eos=True)
     reqs = [
@@ -62,7 +52,7 @@ def test_recorded_states_are_the_judged_candidates_states(tiny_lm, chunk):
                 assert len(d.states) == trace.evaluated and d.fallback == trace.fallback
                 for c, state in zip(trace.candidates, d.states, strict=True):
                     torch.testing.assert_close(
-                        state, _hidden(tiny_lm, seq + [c]), atol=1e-4, rtol=1e-4
+                        state, last_hidden(tiny_lm, seq + [c]), atol=1e-4, rtol=1e-4
                     )
                     checked += 1
             seq.append(tok)
@@ -110,7 +100,7 @@ def test_collect_episodes_runs_many_prompts_in_one_batch(tiny_lm):
         engine,
         sac.actor,
         prompts,
-        _prompts(6, 2),
+        random_prompts(6, 2),
         SamplingParams(max_new_tokens=4),
         torch.Generator(),
         str,
@@ -123,10 +113,12 @@ def test_collect_episodes_runs_many_prompts_in_one_batch(tiny_lm):
 def test_a_guide_steers_the_episode_through_the_models_own_candidates(tiny_lm):
     from mara_core.candidates import select_candidates
 
-    prompt = _prompts(1, seed=3)[0]
-    first = select_candidates(tiny_lm.model.lm_head(_hidden(tiny_lm, prompt))).token_ids.tolist()
+    prompt = random_prompts(1, seed=3)[0]
+    first = select_candidates(
+        tiny_lm.model.lm_head(last_hidden(tiny_lm, prompt))
+    ).token_ids.tolist()
     a = first[2]  # not the top-1: the guide must make the agent reject ranks 0 and 1
-    second = select_candidates(tiny_lm.model.lm_head(_hidden(tiny_lm, prompt + [a])))
+    second = select_candidates(tiny_lm.model.lm_head(last_hidden(tiny_lm, prompt + [a])))
     b = second.token_ids.tolist()[1]
     text = {a: f"<{a}>", b: f"<{b}>"}
     sac = DiscreteSAC(64, SACConfig(inner_dim=64))
