@@ -27,6 +27,7 @@ from mara_core.errors import (
     QueueFullError,
 )
 from mara_core.loading import LoadedModel
+from mara_core.prefix_cache import PrefixCache
 from mara_core.request import Request, RequestOutput, TokenTrace
 from mara_core.runner import MAX_CANDIDATES, ModelRunner
 from mara_core.sequence import Sequence
@@ -49,6 +50,9 @@ class EngineConfig:
     # Rows whose agent keeps accepting the top-1 try it alone first (None: on for CPU only).
     probe_top1: bool | None = None
     max_prefill_tokens: int = 4096  # prompt tokens prefilled per step (keeps inter-token latency)
+    # K/V of prompt prefixes kept for reuse, in tokens (0: off); see prefix_cache.py.
+    prefix_cache_tokens: int = 0
+    prefix_block_size: int = 16
 
 
 class LLMEngine:
@@ -56,6 +60,7 @@ class LLMEngine:
         self.lm = lm
         self.config = config
         self.runner = ModelRunner(lm, config.max_running)
+        self.prefix_cache = PrefixCache(config.prefix_cache_tokens, config.prefix_block_size)
         on_cpu = lm.device.type == "cpu"
         self.chunk_size = (
             config.chunk_size
@@ -132,6 +137,7 @@ class LLMEngine:
             "running": self.num_running, "waiting": self.num_waiting,
             "max_running": self.config.max_running, "max_waiting": self.config.max_waiting,
             "kv_cache_capacity": self.runner.cache.capacity, "steps": self.num_steps,
+            **self.prefix_cache.stats(),
         }  # fmt: skip
 
     # ---- the loop (engine thread) -------------------------------------------------------
@@ -189,7 +195,11 @@ class LLMEngine:
                     self.runner.cache.move(twin.slot, seq.slot, n)
                     seq.next_logits = twin.next_logits  # read-only until its first step
                 else:
-                    hidden = self.runner.prefill(seq.slot, request.prompt_token_ids)
+                    ids = request.prompt_token_ids
+                    blocks = self.prefix_cache.match(ids)
+                    start = self.prefix_cache.load(self.runner.cache, seq.slot, blocks)
+                    hidden = self.runner.prefill(seq.slot, ids, start)
+                    self.prefix_cache.store(self.runner.cache, seq.slot, ids)
                     seq.next_logits = self.runner.logits(hidden[None])[0]
                     prefilled[key] = seq
             except Exception as e:  # one bad request must not take the engine down

@@ -120,25 +120,40 @@ class ModelRunner:
     # ---- phases -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
-        """Run a prompt into `slot`; returns the final hidden state (H,) of its last token."""
+    def prefill(self, slot: int, token_ids: list[int], start: int = 0) -> torch.Tensor:
+        """Run a prompt into `slot`; returns the final hidden state (H,) of its last token.
+
+        With `start` > 0 the slot already holds the K/V of the first `start` tokens (a cached
+        prefix, prefix_cache.py) and only the rest is computed; `start` < len(token_ids).
+        """
         T = len(token_ids)
+        if not 0 <= start < T:
+            raise ValueError(f"prefill start {start} outside [0, {T})")
         self.cache.ensure_capacity(T + 1)
-        x = self.embed(torch.tensor(token_ids, device=self.device))  # (T, H)
-        cos, sin = self.cos[:T, None], self.sin[:T, None]  # (T, 1, d)
+        x = self.embed(torch.tensor(token_ids[start:], device=self.device))  # (T', H)
+        cos, sin = self.cos[start:T, None], self.sin[start:T, None]  # (T', 1, d)
+        mask = None
+        if start:  # query i (position start + i) sees keys 0..start + i
+            keys = torch.arange(T, device=self.device)
+            mask = keys[None, :] <= torch.arange(start, T, device=self.device)[:, None]
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)  # (T, H*, d)
-            self.cache.keys[i, slot, :, :T] = k.transpose(0, 1)
-            self.cache.values[i, slot, :, :T] = v.transpose(0, 1)
+            q, k, v = self._qkv(layer, x, cos, sin)  # (T', H*, d)
+            self.cache.keys[i, slot, :, start:T] = k.transpose(0, 1)
+            self.cache.values[i, slot, :, start:T] = v.transpose(0, 1)
+            if start:  # attend over the cached prefix too
+                k, v = self.cache.keys[i, slot, :, :T], self.cache.values[i, slot, :, :T]
+            else:
+                k, v = k.transpose(0, 1), v.transpose(0, 1)
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None],
-                k.transpose(0, 1)[None],
-                v.transpose(0, 1)[None],
-                is_causal=True,
+                k[None],
+                v[None],
+                attn_mask=mask,
+                is_causal=mask is None,
                 scale=self.scale,
                 enable_gqa=self.groups > 1,
-            )  # (1, Hq, T, d)
-            x = self._attn_out_and_mlp(layer, x, o[0].transpose(0, 1).reshape(T, -1))
+            )  # (1, Hq, T', d)
+            x = self._attn_out_and_mlp(layer, x, o[0].transpose(0, 1).reshape(T - start, -1))
         return F.rms_norm(x[-1], x.shape[-1:], self.norm_w, self.norm_eps)
 
     @torch.inference_mode()

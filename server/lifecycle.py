@@ -53,6 +53,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
         max_waiting=settings.max_waiting,
         chunk_size=settings.candidate_chunk_size,
         max_prefill_tokens=settings.max_prefill_tokens,
+        prefix_cache_tokens=settings.prefix_cache_tokens,
     )
     return AsyncEngine(LLMEngine(lm, config))
 
@@ -75,7 +76,11 @@ def wire(state: ServerState, engine: AsyncEngine) -> None:
     for name, path in startup_agents(settings, lm.name).items():
         admin.check_name(name)
         admin.load_sync(name, path)
-    state.metrics.bind_engine(lambda: engine.engine.num_running, lambda: engine.engine.num_waiting)
+    state.metrics.bind_engine(
+        lambda: engine.engine.num_running,
+        lambda: engine.engine.num_waiting,
+        engine.engine.stats,
+    )
     models = ServedModels(base_id, engine.engine.max_model_len, registry, state.started_at)
     ctx = ServingContext(
         engine=engine,

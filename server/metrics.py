@@ -12,6 +12,8 @@ exact even while nothing else happens. Everything else is fed from the event loo
   rejections, fallbacks (all rejected → top-1) and the accepted rank (fallback counts as rank
   0, the token emitted). So fallbacks / accepted_rank_count is the fallback rate, rejections /
   candidates the rejection rate;
+- prefix caching, read from the engine at scrape time: tokens held, prompt tokens looked up and
+  found (hit rate = hit / queried);
 - `mara_requests_total{status}`: success (finished stop/length), aborted (client went away or
   the server stopped it), error (engine failure), rejected (refused at admission: queue full,
   not ready, context too long).
@@ -32,6 +34,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from mara_core.request import RequestOutput
 
@@ -52,6 +56,9 @@ METRIC_NAMES = frozenset(
         "mara_agent_accepted_rank",
         "mara_agent_loads_total",
         "mara_agent_unloads_total",
+        "mara_prefix_cache_tokens",
+        "mara_prefix_cache_queried_tokens_total",
+        "mara_prefix_cache_hit_tokens_total",
     }
 )
 
@@ -197,10 +204,18 @@ class ServerMetrics:
         for status in REQUEST_STATUSES:
             self.requests.labels(status)
 
-    def bind_engine(self, num_running: Callable[[], int], num_waiting: Callable[[], int]) -> None:
-        """Read the batch and queue sizes from the engine at every scrape."""
+    def bind_engine(
+        self,
+        num_running: Callable[[], int],
+        num_waiting: Callable[[], int],
+        engine_stats: Callable[[], dict] | None = None,
+    ) -> None:
+        """Read the batch and queue sizes (and the prefix cache's counters, from
+        `engine_stats()`) from the engine at every scrape."""
         self.running.set_function(num_running)
         self.waiting.set_function(num_waiting)
+        if engine_stats is not None:
+            self.registry.register(_PrefixCacheCollector(engine_stats))
 
     def agent_loaded(self, name: str) -> None:
         self.agent_loads.labels(name).inc()
@@ -272,3 +287,26 @@ class RequestTracker:
         self.m.requests.labels(status).inc()
         if status != "rejected":
             self.m.e2e.observe(time.monotonic() - self.start)
+
+
+class _PrefixCacheCollector(Collector):
+    """The engine's prefix-cache counters (LLMEngine.stats()), read at scrape time."""
+
+    def __init__(self, engine_stats: Callable[[], dict]):
+        self.engine_stats = engine_stats
+
+    def collect(self):
+        stats = self.engine_stats()
+        held = GaugeMetricFamily(
+            "mara_prefix_cache_tokens", "Prompt tokens whose K/V the prefix cache holds."
+        )
+        held.add_metric([], stats.get("prefix_cache_tokens", 0))
+        queried = CounterMetricFamily(
+            "mara_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."
+        )
+        queried.add_metric([], stats.get("prefix_cache_queried_tokens", 0))
+        hits = CounterMetricFamily(
+            "mara_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache."
+        )
+        hits.add_metric([], stats.get("prefix_cache_hit_tokens", 0))
+        return [held, queried, hits]

@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         256, ge=1, description="queue bound; beyond it requests get 429 with Retry-After"
     )
     max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens prefilled per step")
+    prefix_cache_tokens: int = Field(
+        4096,
+        ge=0,
+        description="K/V of shared prompt prefixes (chat template, earlier turns) kept for "
+        "reuse, in tokens; 0 turns prefix caching off",
+    )
     candidate_chunk_size: int | None = Field(
         None,
         ge=1,

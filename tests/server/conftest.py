@@ -223,7 +223,12 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 
 
 def _start(lm: LoadedModel, settings: Settings, wait_ready: bool = True) -> LiveServer:
-    engine = make_engine(lm, max_running=settings.max_concurrent, max_waiting=settings.max_waiting)
+    engine = make_engine(
+        lm,
+        max_running=settings.max_concurrent,
+        max_waiting=settings.max_waiting,
+        prefix_cache_tokens=settings.prefix_cache_tokens,
+    )
     return LiveServer(create_app(settings, engine)).start(wait_ready=wait_ready)
 
 

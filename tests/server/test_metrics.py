@@ -95,3 +95,14 @@ def test_rejected_and_streamed_requests_are_counted(live) -> None:
     assert live.metric("mara_requests_total", {"status": "success"}) == 1
     assert live.metric("mara_num_requests_running") == 0
     assert live.metric("mara_num_requests_waiting") == 0
+
+
+def test_prefix_cache_counters_follow_shared_prompts(live) -> None:
+    """Two prompts sharing 40 tokens: the second reuses the first one's blocks (16 tokens each)."""
+    shared = [5 + i % 90 for i in range(40)]
+    for tail in ([7, 8, 9], [10, 11]):
+        body = {"model": "half", "prompt": shared + tail, "max_tokens": 2}
+        assert live.post("/v1/completions", body).status_code == 200
+    assert live.metric("mara_prefix_cache_queried_tokens_total") >= 43 + 42
+    assert live.metric("mara_prefix_cache_hit_tokens_total") >= 32
+    assert live.metric("mara_prefix_cache_tokens") >= 32
