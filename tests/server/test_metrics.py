@@ -98,7 +98,7 @@ def test_rejected_and_streamed_requests_are_counted(live) -> None:
 
 
 def test_prefix_cache_counters_follow_shared_prompts(live) -> None:
-    """Two prompts sharing 40 tokens: the second reuses the first one's blocks (16 tokens each)."""
+    """Two prompts sharing 40 tokens: the second reuses the first one's blocks."""
     shared = [5 + i % 90 for i in range(40)]
     for tail in ([7, 8, 9], [10, 11]):
         body = {"model": "half", "prompt": shared + tail, "max_tokens": 2}
