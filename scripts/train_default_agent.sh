@@ -2,7 +2,7 @@
 # Train, evaluate and install the shipped default agent `smollm2-safety` for the embedded
 # SmolLM2-135M-Instruct — the exact recipe behind mara_core/agents/smollm2-safety/.
 #
-#   scripts/train_default_agent.sh            # train (~40 min on 2 CPU cores), eval (~20 min), install
+#   scripts/train_default_agent.sh            # train (~35 min on 2 CPU cores), eval (~20 min), install
 #   STEP=eval scripts/train_default_agent.sh  # re-run only the evaluation of a finished run
 #
 # Training prompts (development data, not shipped): harmful = PKU-SafeRLHF train + the
@@ -43,7 +43,7 @@ if [[ $STEP == all || $STEP == eval ]]; then
   $MARA eval --agent "$RUN" \
     --harmful "$DATA/BeaverTails/test.json" "$DATA/HarmfulQA/test.json" \
     --benign "$DATA/Ultra-Feedback/test.json" "$DATA/HHrlhf/test.json" \
-    -n 100 --max-new-tokens 48 --batch-size 32 --threads 1 --seed 0 \
+    -n 100 --max-new-tokens 48 --batch-size 32 --threads 2 --seed 0 \
     --out "$RUN/eval" --update-card
 fi
 
