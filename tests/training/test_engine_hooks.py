@@ -46,7 +46,9 @@ def test_identical_prompts_admitted_together_share_one_prefill(tiny_lm, monkeypa
     calls = []
     prefill = engine.runner.prefill
     monkeypatch.setattr(
-        engine.runner, "prefill", lambda slot, ids: calls.append(slot) or prefill(slot, ids)
+        engine.runner,
+        "prefill",
+        lambda slot, ids, start=0: calls.append(slot) or prefill(slot, ids, start),
     )
     reqs = [
         Request("1", a, params, agent),
