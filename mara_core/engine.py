@@ -53,6 +53,9 @@ class EngineConfig:
     # K/V of prompt prefixes kept for reuse, in tokens (0: off); see prefix_cache.py.
     prefix_cache_tokens: int = 0
     prefix_block_size: int = 8  # SmolLM2's chat template shares 24 tokens across requests
+    # Prompts admitted in one step share one prefill forward (runner.prefill_batch). Off keeps
+    # each prompt's prefill numerically independent of what else arrives (train/eval/generate).
+    batch_prefill: bool = False
 
 
 class LLMEngine:
@@ -171,45 +174,99 @@ class LLMEngine:
         return outs
 
     def _admit(self) -> list[RequestOutput]:
-        outs: list[RequestOutput] = []
-        budget = self.config.max_prefill_tokens
-        # Prompts prefilled in this call: an identical prompt admitted with them (n samples of
-        # one prompt, e.g. training episodes) copies their KV instead of recomputing it.
-        prefilled: dict[tuple[int, ...], Sequence] = {}
-        while len(self.running) < self.config.max_running:
-            with self._lock:
-                if not self._waiting:
-                    break
-                key = tuple(self._waiting[0].prompt_token_ids)
-                n = len(key)
-                cost = 0 if key in prefilled else n
-                if cost > budget and budget < self.config.max_prefill_tokens:
-                    break  # this step's prefill budget is spent; the next step takes it
-                request = self._waiting.popleft()
-            budget -= cost
-            seq = Sequence(request, len(self.running), self.lm.eos_token_ids, self.lm.device)
+        """Move waiting requests into free slots and prefill them (within the step's budget).
+
+        A prompt identical to one admitted in the same call (n samples of one prompt, e.g.
+        training episodes) copies its KV instead of recomputing it. A request whose prefill
+        fails gets an error output and nothing else is affected; the running batch stays dense.
+        """
+        admitted = self._pop_admissible()
+        if not admitted:
+            return []
+        seqs, computed, twins = [], [], []
+        first: dict[tuple[int, ...], Sequence] = {}
+        for request in admitted:
+            seq = Sequence(request, len(self.running) + len(seqs), self.lm.eos_token_ids,
+                           self.lm.device)  # fmt: skip
             seq.first_scheduled_time = time.monotonic()
-            try:
-                twin = prefilled.get(key)
-                if twin is not None:
-                    self.runner.cache.move(twin.slot, seq.slot, n)
-                    seq.next_logits = twin.next_logits  # read-only until its first step
-                else:
-                    ids = request.prompt_token_ids
-                    blocks = self.prefix_cache.match(ids)
-                    start = self.prefix_cache.load(self.runner.cache, seq.slot, blocks)
-                    hidden = self.runner.prefill(seq.slot, ids, start)
-                    self.prefix_cache.store(self.runner.cache, seq.slot, ids)
-                    seq.next_logits = self.runner.logits(hidden[None])[0]
-                    prefilled[key] = seq
-            except Exception as e:  # one bad request must not take the engine down
-                log.exception("prefill failed for %s", request.request_id)
-                outs.append(RequestOutput(request.request_id, [], [], True, "error", str(e),
-                                          num_prompt_tokens=n))  # fmt: skip
+            seqs.append(seq)
+            key = tuple(request.prompt_token_ids)
+            if key in first:
+                twins.append((seq, first[key]))
+            else:
+                first[key] = seq
+                computed.append(seq)
+        failed = self._prefill(computed)
+        for seq, source in twins:
+            if id(source) in failed:
+                failed[id(seq)] = failed[id(source)]
                 continue
+            self.runner.cache.move(source.slot, seq.slot, seq.num_prompt_tokens)
+            seq.next_logits = source.next_logits  # read-only until its first step
+        outs: list[RequestOutput] = []
+        for seq in seqs:
+            n = seq.num_prompt_tokens
+            if id(seq) in failed:
+                outs.append(RequestOutput(seq.request_id, [], [], True, "error",
+                                          str(failed[id(seq)]), num_prompt_tokens=n))  # fmt: skip
+                continue
+            slot = len(self.running)
+            if seq.slot != slot:  # a failed request before it left a hole: keep slots dense
+                self.runner.cache.move(seq.slot, slot, n)
+                seq.slot = slot
             seq.length = n
             self.running.append(seq)
         return outs
+
+    def _pop_admissible(self) -> list[Request]:
+        """Waiting requests for the free slots, within `max_prefill_tokens` (a prompt identical
+        to one already taken costs nothing; the first request is always taken)."""
+        taken: list[Request] = []
+        keys: set[tuple[int, ...]] = set()
+        budget = self.config.max_prefill_tokens
+        with self._lock:
+            while self._waiting and len(self.running) + len(taken) < self.config.max_running:
+                key = tuple(self._waiting[0].prompt_token_ids)
+                cost = 0 if key in keys else len(key)
+                if cost > budget and budget < self.config.max_prefill_tokens:
+                    break  # this step's prefill budget is spent; the next step takes it
+                budget -= cost
+                keys.add(key)
+                taken.append(self._waiting.popleft())
+        return taken
+
+    def _prefill(self, seqs: list[Sequence]) -> dict[int, Exception]:
+        """Prefill each sequence's prompt into its slot (from cached prefix blocks where the
+        prefix cache has them); returns id(seq) → error for the ones that failed. With
+        `batch_prefill` the prompts share one forward; if that fails, they are retried one by
+        one so only the faulty request fails."""
+        items = []
+        for seq in seqs:
+            ids = seq.request.prompt_token_ids
+            blocks = self.prefix_cache.match(ids)
+            items.append((seq, ids, self.prefix_cache.load(self.runner.cache, seq.slot, blocks)))
+        if self.config.batch_prefill and len(items) > 1:
+            try:
+                hidden = self.runner.prefill_batch([(s.slot, ids, a) for s, ids, a in items])
+                self._prefilled(items, hidden)
+                return {}
+            except Exception:
+                log.exception("batched prefill failed; prefilling the prompts one by one")
+        failed: dict[int, Exception] = {}
+        for item in items:
+            seq, ids, start = item
+            try:
+                self._prefilled([item], self.runner.prefill(seq.slot, ids, start)[None])
+            except Exception as e:  # one bad request must not take the engine down
+                log.exception("prefill failed for %s", seq.request_id)
+                failed[id(seq)] = e
+        return failed
+
+    def _prefilled(self, items: list, hidden: torch.Tensor) -> None:
+        logits = self.runner.logits(hidden)
+        for (seq, ids, _), row in zip(items, logits, strict=True):
+            self.prefix_cache.store(self.runner.cache, seq.slot, ids)
+            seq.next_logits = row
 
     def _decode(self) -> list[RequestOutput]:
         try:

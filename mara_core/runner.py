@@ -157,6 +157,56 @@ class ModelRunner:
         return F.rms_norm(x[-1], x.shape[-1:], self.norm_w, self.norm_eps)
 
     @torch.inference_mode()
+    def prefill_batch(self, items: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """Prefill several prompts in one forward: items are (slot, token_ids, start) as for
+        `prefill`. The projections and MLPs run once over all the prompts' tokens packed
+        together (on a CPU a forward costs about one pass over the weights whatever its row
+        count up to a few hundred rows, so 16 short prompts cost little more than one);
+        attention runs per prompt against its own slot. Returns (len(items), H) final hidden
+        states of each prompt's last token."""
+        if len(items) == 1:
+            slot, ids, start = items[0]
+            return self.prefill(slot, ids, start)[None]
+        spans, positions, tokens = [], [], []
+        a = 0
+        for slot, ids, start in items:
+            T = len(ids)
+            if not 0 <= start < T:
+                raise ValueError(f"prefill start {start} outside [0, {T})")
+            spans.append((slot, start, T, a, a + T - start))
+            positions.append(torch.arange(start, T, device=self.device))
+            tokens += ids[start:]
+            a += T - start
+        self.cache.ensure_capacity(max(T for _, _, T, _, _ in spans) + 1)
+        x = self.embed(torch.tensor(tokens, device=self.device))  # (N, H)
+        pos = torch.cat(positions)
+        cos, sin = self.cos[pos, None], self.sin[pos, None]  # (N, 1, d)
+        masks = [
+            None if start == 0
+            else torch.arange(T, device=self.device)[None, :] <= positions[i][:, None]
+            for i, (_, start, T, _, _) in enumerate(spans)
+        ]  # fmt: skip
+        for li, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)  # (N, H*, d)
+            outs = []
+            for (slot, start, T, a, b), mask in zip(spans, masks, strict=True):
+                self.cache.keys[li, slot, :, start:T] = k[a:b].transpose(0, 1)
+                self.cache.values[li, slot, :, start:T] = v[a:b].transpose(0, 1)
+                o = F.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1)[None],
+                    self.cache.keys[li, slot, :, :T][None],
+                    self.cache.values[li, slot, :, :T][None],
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    scale=self.scale,
+                    enable_gqa=self.groups > 1,
+                )  # (1, Hq, T - start, d)
+                outs.append(o[0].transpose(0, 1).reshape(b - a, -1))
+            x = self._attn_out_and_mlp(layer, x, torch.cat(outs))
+        last = torch.tensor([b - 1 for *_, b in spans], device=self.device)
+        return F.rms_norm(x[last], x.shape[-1:], self.norm_w, self.norm_eps)
+
+    @torch.inference_mode()
     def forward_tokens(
         self,
         rows: torch.Tensor | int,

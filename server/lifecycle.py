@@ -54,6 +54,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
         chunk_size=settings.candidate_chunk_size,
         max_prefill_tokens=settings.max_prefill_tokens,
         prefix_cache_tokens=settings.prefix_cache_tokens,
+        batch_prefill=settings.batch_prefill,
     )
     return AsyncEngine(LLMEngine(lm, config))
 

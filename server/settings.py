@@ -114,6 +114,11 @@ class Settings(BaseSettings):
         description="K/V of shared prompt prefixes (chat template, earlier turns) kept for "
         "reuse, in tokens; 0 turns prefix caching off",
     )
+    batch_prefill: bool = Field(
+        True,
+        description="prefill the prompts admitted in one engine step in one forward (lower "
+        "time to first token under load)",
+    )
     candidate_chunk_size: int | None = Field(
         None,
         ge=1,

@@ -228,6 +228,7 @@ def _start(lm: LoadedModel, settings: Settings, wait_ready: bool = True) -> Live
         max_running=settings.max_concurrent,
         max_waiting=settings.max_waiting,
         prefix_cache_tokens=settings.prefix_cache_tokens,
+        batch_prefill=settings.batch_prefill,
     )
     return LiveServer(create_app(settings, engine)).start(wait_ready=wait_ready)
 
