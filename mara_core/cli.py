@@ -26,6 +26,19 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache") / "mara-serve"
 
 
+def model_config(args: argparse.Namespace):
+    """The `ModelConfig` of the model flags every command shares (--model, --device, --dtype,
+    --cache-dir)."""
+    from mara_core.loading import ModelConfig
+
+    return ModelConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir or default_cache_dir(),
+    )
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -246,6 +259,10 @@ def run(args: argparse.Namespace) -> int:
         if args.command in ("train", "eval"):
             if not getattr(args, "command_line", None):  # recorded in cards and reports
                 args.command_line = "mara " + args.command
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
             if args.command == "train":
                 from mara_core.training.train_cmd import run_train
 

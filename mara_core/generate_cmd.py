@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from mara_core.agent import Agent, load_agent
-from mara_core.cli import columns, default_cache_dir, dumps, new_id
+from mara_core.cli import columns, dumps, model_config, new_id
 from mara_core.default_model import default_agents
 from mara_core.engine import EngineConfig, LLMEngine
-from mara_core.loading import LoadedModel, ModelConfig, load_model, render_chat
+from mara_core.loading import LoadedModel, load_model, render_chat
 from mara_core.reference import reference_generate
 from mara_core.request import Request, TokenTrace
 from mara_core.sampling import SamplingParams
@@ -66,9 +66,7 @@ def _print_trace(result: dict) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    cfg = ModelConfig(model=args.model, device=args.device, dtype=args.dtype,
-                      cache_dir=args.cache_dir or default_cache_dir())  # fmt: skip
-    lm = load_model(cfg)
+    lm = load_model(model_config(args))
     agent = _resolve_agent(args, lm)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}

@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 
 from mara_core.agent import CARD_FILE, load_agent
-from mara_core.cli import columns, default_cache_dir
+from mara_core.cli import columns, model_config
 from mara_core.default_model import default_agents
 from mara_core.errors import AgentLoadError
-from mara_core.loading import ModelConfig, load_model
+from mara_core.loading import load_model
 from mara_core.training.evaluate import EvalConfig, Sample, run_eval
 from mara_core.training.plots import plot_eval
 
@@ -68,18 +68,7 @@ def _examples(samples: list[Sample], k: int) -> list[tuple[Sample, Sample]]:
 def run_eval_cmd(args: argparse.Namespace) -> int:
     if not args.harmful and not args.benign:
         raise SystemExit("error: give --harmful and/or --benign prompt files")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    lm = load_model(
-        ModelConfig(
-            model=args.model,
-            device=args.device,
-            dtype=args.dtype,
-            cache_dir=args.cache_dir or default_cache_dir(),
-        )
-    )
+    lm = load_model(model_config(args))
     path = args.agent
     if path is None and args.model is None:
         path = next(iter(default_agents().values()), None)

@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mara_core.cli import default_cache_dir
-from mara_core.loading import ModelConfig
+from mara_core.cli import model_config
 from mara_core.training.sac import SACConfig
 from mara_core.training.trainer import TrainConfig, Trainer
 
@@ -26,12 +25,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         inner_dim=args.inner_dim,
         init_accept_prob=args.init_accept_prob,
     )
-    model = ModelConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        cache_dir=args.cache_dir or default_cache_dir(),
-    )
+    model = model_config(args)
     return TrainConfig(
         prompts=tuple(args.prompts),
         reward=args.reward,
@@ -68,8 +62,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # network initialisation
     cfg = config_from_args(args)
     out = Trainer(cfg).run()
