@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,10 @@ from pathlib import Path
 
 import httpx
 import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import free_port, percentile  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -67,16 +70,6 @@ class LevelResult:
     itl_p50_ms: float
     itl_p95_ms: float
     extra: dict = field(default_factory=dict)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100]); NaN for no values."""
-    if not values:
-        return float("nan")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 async def one_request(
@@ -141,12 +134,6 @@ async def run_level(
         itl_p50_ms=round(percentile(itls, 50) * 1e3, 1),
         itl_p95_ms=round(percentile(itls, 95) * 1e3, 1),
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pick_agent(tmp: Path) -> tuple[str, list[str], str]:
