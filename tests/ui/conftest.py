@@ -10,28 +10,19 @@ Chromium is missing (install: `pip install playwright` and `apt-get install -y c
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from headless_chromium import CHROMIUM_ARGS, chromium_path
 
 from mara_core.agent import AgentCard, save_agent
 from mara_core.loading import ModelConfig, load_model
 from server.settings import Settings
 
 API_KEY = "ui-test-key"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 def _load_http_conftest() -> Any:
@@ -47,13 +38,6 @@ def _load_http_conftest() -> Any:
 
 
 http = _load_http_conftest()
-
-
-def chromium_path() -> str | None:
-    """Debian's /usr/bin/chromium, or a `chromium`/`chromium-browser` on the PATH."""
-    if Path("/usr/bin/chromium").exists():
-        return "/usr/bin/chromium"
-    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="session")

@@ -11,19 +11,14 @@ prompt, waits for both answers and hovers the agent's first marked token so its 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared helpers
+
+from headless_chromium import CHROMIUM_ARGS, chromium_path  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +32,7 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=800)
     ap.add_argument("--scheme", choices=["light", "dark"], default="light")
     ap.add_argument("--out", type=Path, default=Path("docs/screenshots/chat-smollm2.png"))
-    ap.add_argument("--chromium", default="/usr/bin/chromium")
+    ap.add_argument("--chromium", default=chromium_path() or "/usr/bin/chromium")
     args = ap.parse_args()
 
     with sync_playwright() as p:
