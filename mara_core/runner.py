@@ -126,35 +126,7 @@ class ModelRunner:
         With `start` > 0 the slot already holds the K/V of the first `start` tokens (a cached
         prefix, prefix_cache.py) and only the rest is computed; `start` < len(token_ids).
         """
-        T = len(token_ids)
-        if not 0 <= start < T:
-            raise ValueError(f"prefill start {start} outside [0, {T})")
-        self.cache.ensure_capacity(T + 1)
-        x = self.embed(torch.tensor(token_ids[start:], device=self.device))  # (T', H)
-        cos, sin = self.cos[start:T, None], self.sin[start:T, None]  # (T', 1, d)
-        mask = None
-        if start:  # query i (position start + i) sees keys 0..start + i
-            keys = torch.arange(T, device=self.device)
-            mask = keys[None, :] <= torch.arange(start, T, device=self.device)[:, None]
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)  # (T', H*, d)
-            self.cache.keys[i, slot, :, start:T] = k.transpose(0, 1)
-            self.cache.values[i, slot, :, start:T] = v.transpose(0, 1)
-            if start:  # attend over the cached prefix too
-                k, v = self.cache.keys[i, slot, :, :T], self.cache.values[i, slot, :, :T]
-            else:
-                k, v = k.transpose(0, 1), v.transpose(0, 1)
-            o = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],
-                k[None],
-                v[None],
-                attn_mask=mask,
-                is_causal=mask is None,
-                scale=self.scale,
-                enable_gqa=self.groups > 1,
-            )  # (1, Hq, T', d)
-            x = self._attn_out_and_mlp(layer, x, o[0].transpose(0, 1).reshape(T - start, -1))
-        return F.rms_norm(x[-1], x.shape[-1:], self.norm_w, self.norm_eps)
+        return self.prefill_batch([(slot, token_ids, start)])[0]
 
     @torch.inference_mode()
     def prefill_batch(self, items: list[tuple[int, list[int], int]]) -> torch.Tensor:
@@ -164,10 +136,7 @@ class ModelRunner:
         count up to a few hundred rows, so 16 short prompts cost little more than one);
         attention runs per prompt against its own slot. Returns (len(items), H) final hidden
         states of each prompt's last token."""
-        if len(items) == 1:
-            slot, ids, start = items[0]
-            return self.prefill(slot, ids, start)[None]
-        spans, positions, tokens = [], [], []
+        spans, positions, tokens = [], [], []  # spans: slot, start, T, rows [a, b) in the pack
         a = 0
         for slot, ids, start in items:
             T = len(ids)
@@ -179,8 +148,9 @@ class ModelRunner:
             a += T - start
         self.cache.ensure_capacity(max(T for _, _, T, _, _ in spans) + 1)
         x = self.embed(torch.tensor(tokens, device=self.device))  # (N, H)
-        pos = torch.cat(positions)
+        pos = positions[0] if len(positions) == 1 else torch.cat(positions)
         cos, sin = self.cos[pos, None], self.sin[pos, None]  # (N, 1, d)
+        # A prompt with a cached prefix: query i (position start + i) sees keys 0..start + i.
         masks = [
             None if start == 0
             else torch.arange(T, device=self.device)[None, :] <= positions[i][:, None]
@@ -190,20 +160,24 @@ class ModelRunner:
             q, k, v = self._qkv(layer, x, cos, sin)  # (N, H*, d)
             outs = []
             for (slot, start, T, a, b), mask in zip(spans, masks, strict=True):
-                self.cache.keys[li, slot, :, start:T] = k[a:b].transpose(0, 1)
-                self.cache.values[li, slot, :, start:T] = v[a:b].transpose(0, 1)
+                k_new, v_new = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
+                self.cache.keys[li, slot, :, start:T] = k_new
+                self.cache.values[li, slot, :, start:T] = v_new
+                if start:  # attend over the cached prefix too
+                    k_new = self.cache.keys[li, slot, :, :T]
+                    v_new = self.cache.values[li, slot, :, :T]
                 o = F.scaled_dot_product_attention(
                     q[a:b].transpose(0, 1)[None],
-                    self.cache.keys[li, slot, :, :T][None],
-                    self.cache.values[li, slot, :, :T][None],
+                    k_new[None],
+                    v_new[None],
                     attn_mask=mask,
                     is_causal=mask is None,
                     scale=self.scale,
                     enable_gqa=self.groups > 1,
                 )  # (1, Hq, T - start, d)
                 outs.append(o[0].transpose(0, 1).reshape(b - a, -1))
-            x = self._attn_out_and_mlp(layer, x, torch.cat(outs))
-        last = torch.tensor([b - 1 for *_, b in spans], device=self.device)
+            x = self._attn_out_and_mlp(layer, x, outs[0] if len(outs) == 1 else torch.cat(outs))
+        last = [b - 1 for *_, b in spans]
         return F.rms_norm(x[last], x.shape[-1:], self.norm_w, self.norm_eps)
 
     @torch.inference_mode()
