@@ -42,8 +42,7 @@ RUN --mount=type=secret,id=pip_cert \
     && pip install --requirement constraints.txt
 
 COPY pyproject.toml README.md ./
-COPY mara_core ./mara_core
-COPY server ./server
+COPY mara_serve ./mara_serve
 # setuptools is already in the venv (pinned in constraints.txt): no build isolation, no download.
 RUN pip install --no-deps --no-build-isolation . \
     && pip check

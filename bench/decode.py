@@ -27,13 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mara_core.agent import Agent, AgentCard, AgentNetwork, load_agent  # noqa: E402
-from mara_core.cli import default_cache_dir  # noqa: E402
-from mara_core.engine import EngineConfig, LLMEngine  # noqa: E402
-from mara_core.loading import LoadedModel, ModelConfig, load_model, render_chat  # noqa: E402
-from mara_core.reference import reference_generate  # noqa: E402
-from mara_core.request import Request  # noqa: E402
-from mara_core.sampling import SamplingParams  # noqa: E402
+from mara_serve.engine.agent import Agent, AgentCard, AgentNetwork, load_agent  # noqa: E402
+from mara_serve.engine.default_model import default_cache_dir  # noqa: E402
+from mara_serve.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from mara_serve.engine.loading import LoadedModel, ModelConfig, load_model, render_chat  # noqa: E402
+from mara_serve.engine.reference import reference_generate  # noqa: E402
+from mara_serve.engine.request import Request  # noqa: E402
+from mara_serve.engine.sampling import SamplingParams  # noqa: E402
 
 ALL = 256  # chunk size >= top_k: every candidate in one forward
 PROMPTS = [

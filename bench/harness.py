@@ -28,8 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mara_core.agent import AgentCard, AgentNetwork, save_agent  # noqa: E402
-from mara_core.default_model import ensure_default_model  # noqa: E402
+from mara_serve.engine.agent import AgentCard, AgentNetwork, save_agent  # noqa: E402
+from mara_serve.engine.default_model import default_cache_dir, ensure_default_model  # noqa: E402
 
 HIDDEN = 64
 
@@ -38,7 +38,7 @@ def tiny_model(out: Path, context: int = 512, seed: int = 0) -> Path:
     """Save the tiny model into `out` (a directory `mara serve --model` loads)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    src = ensure_default_model(Path.home() / ".cache" / "mara-serve")  # for its tokenizer
+    src = ensure_default_model(default_cache_dir())  # for its tokenizer
     tokenizer = AutoTokenizer.from_pretrained(src)
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -76,7 +76,7 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         base = {k: v for k, v in os.environ.items() if not k.startswith("MARA_")}
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), *args]
+        cmd = [sys.executable, "-m", "mara_serve", "serve", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env={**base, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -145,7 +145,7 @@ def rss_bytes(pid: int | None = None) -> int:
 def environment() -> dict[str, Any]:
     import transformers
 
-    import mara_core
+    import mara_serve
 
     try:
         commit = subprocess.run(
@@ -160,6 +160,6 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "httpx": httpx.__version__,
-        "mara_serve": mara_core.__version__,
+        "mara_serve": mara_serve.__version__,
         "commit": commit or "unknown",
     }

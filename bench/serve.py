@@ -138,13 +138,13 @@ async def run_level(
 
 def pick_agent(tmp: Path) -> tuple[str, list[str], str]:
     """(agent model id, extra serve flags, description)."""
-    from mara_core.default_model import default_agents
+    from mara_serve.engine.default_model import default_agents
 
     shipped = default_agents()
     if shipped:
         name = next(iter(shipped))
         return name, [], f"shipped default agent {name!r}"
-    from mara_core.agent import AgentCard, AgentNetwork, save_agent
+    from mara_serve.engine.agent import AgentCard, AgentNetwork, save_agent
 
     save_agent(
         AgentNetwork(576), AgentCard(name="random-agent", hidden_size=576), tmp / "random-agent"
@@ -161,7 +161,7 @@ def start_server(port: int, extra: list[str], max_concurrent: int) -> subprocess
     cmd = [
         sys.executable,
         "-m",
-        "server.cli",
+        "mara_serve",
         "serve",
         "--port",
         str(port),
@@ -191,7 +191,7 @@ def environment(base_url: str) -> dict:
     import torch
     import transformers
 
-    import mara_core
+    import mara_serve
 
     try:
         commit = subprocess.run(
@@ -207,7 +207,7 @@ def environment(base_url: str) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "openai": openai.__version__,
-        "mara_serve": mara_core.__version__,
+        "mara_serve": mara_serve.__version__,
         "commit": commit,
         "model": model["id"],
         "max_model_len": model.get("max_model_len"),

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import environment, free_port, rss_bytes, tiny_agents, tiny_model  # noqa: E402
 
-from server.app import create_app  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from mara_serve.server.app import create_app  # noqa: E402
+from mara_serve.server.settings import Settings  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -89,7 +89,7 @@ class InProcessServer:
             "open_streams": len(engine._streams),  # per-request output queues
             "pending_aborts": len(engine.engine._aborts),
             "in_flight": self.state.inflight.count,
-            "agents": len(self.state.registry.list()),
+            "agents": len(self.state.services.registry.list()),
         }
 
 
@@ -185,7 +185,7 @@ def main() -> None:
         server = InProcessServer(settings.model_copy(update={"max_concurrent": 16}))
         server.start()
         try:
-            models = [server.state.models.base_id, "agent"]
+            models = [server.state.services.models.base_id, "agent"]
             outcomes = asyncio.run(run_batch(server.url, 0, args.warmup, args, models))
             warm_rss, warm_state = settle(server), server.engine_state()
             samples = [(args.warmup, warm_rss)]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mara_core.agent import Agent, AgentCard, AgentNetwork
-from mara_core.loading import LoadedModel
+from mara_serve.engine.agent import Agent, AgentCard, AgentNetwork
+from mara_serve.engine.loading import LoadedModel
 
 VOCAB = 128
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from tiny_models import make_agent, tiny_llama
 
-from mara_core.agent import Agent
-from mara_core.loading import LoadedModel
+from mara_serve.engine.agent import Agent
+from mara_serve.engine.loading import LoadedModel
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from tiny_models import make_agent
 
-from mara_core.agent import AgentCard, AgentNetwork, load_agent, save_agent
-from mara_core.errors import AgentLoadError
-from mara_core.registry import AgentRegistry
+from mara_serve.engine.agent import AgentCard, AgentNetwork, load_agent, save_agent
+from mara_serve.engine.errors import AgentLoadError
+from mara_serve.engine.registry import AgentRegistry
 
 
 def authors_state_dict(hidden: int = 64, inner: int = 1024) -> dict[str, torch.Tensor]:

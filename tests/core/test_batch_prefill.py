@@ -1,17 +1,17 @@
 """Batched prefill: prompts admitted together share one forward and get the state a prefill of
 each alone gives; the engine with it still emits the serial reference's tokens; a prompt that
-fails is isolated (mara_core/runner.py `prefill_batch`, engine.py `_prefill`)."""
+fails is isolated (mara_serve/engine/runner.py `prefill_batch`, engine.py `_prefill`)."""
 
 import pytest
 import torch
 from tiny_models import random_prompts
 
-from mara_core.engine import EngineConfig, LLMEngine
-from mara_core.prefix_cache import PrefixCache
-from mara_core.reference import reference_generate
-from mara_core.request import Request
-from mara_core.runner import ModelRunner
-from mara_core.sampling import SamplingParams
+from mara_serve.engine.engine import EngineConfig, LLMEngine
+from mara_serve.engine.prefix_cache import PrefixCache
+from mara_serve.engine.reference import reference_generate
+from mara_serve.engine.request import Request
+from mara_serve.engine.runner import ModelRunner
+from mara_serve.engine.sampling import SamplingParams
 
 SYSTEM = random_prompts(1, seed=21, length=19)[0]
 
@@ -42,12 +42,29 @@ def test_packed_prefill_equals_one_prefill_per_prompt(tiny_lm):
 
 
 @pytest.mark.parametrize("prefix_cache_tokens", [0, 512])
-def test_engine_with_batched_prefill_equals_reference(tiny_lm, agents, prefix_cache_tokens):
+def test_engine_with_batched_prefill_equals_reference(
+    tiny_lm, agents, prefix_cache_tokens, monkeypatch
+):
     """Eight requests (mixed agents, shared and distinct prefixes, an identical pair) arriving in
-    two bursts: every answer is the serial reference's."""
+    two bursts: every answer is the serial reference's, and the prompts really were prefilled
+    packed (the engine's one-by-one fallback would give the same tokens, so it must not run)."""
     config = EngineConfig(max_running=8, batch_prefill=True,
                           prefix_cache_tokens=prefix_cache_tokens)  # fmt: skip
     engine = LLMEngine(tiny_lm, config)
+    packed, one_by_one = [], []
+    prefill_batch, prefill = engine.runner.prefill_batch, engine.runner.prefill
+
+    def spy_batch(items):
+        hidden = prefill_batch(items)
+        packed.append(len(items))
+        return hidden
+
+    def spy_prefill(slot, ids, start=0):
+        one_by_one.append(slot)
+        return prefill(slot, ids, start)
+
+    monkeypatch.setattr(engine.runner, "prefill_batch", spy_batch)
+    monkeypatch.setattr(engine.runner, "prefill", spy_prefill)
     tails = random_prompts(6, seed=8, length=4)
     prompts = [SYSTEM + t for t in tails[:4]] + tails[4:] + [SYSTEM + tails[0], [0, 17, 18]]
     modes = ["half", "accept", None, "reject", "half", None, "half", "accept"]
@@ -64,6 +81,7 @@ def test_engine_with_batched_prefill_equals_reference(tiny_lm, agents, prefix_ca
     for r in reqs:
         want, _ = reference_generate(tiny_lm.model, r.prompt_token_ids, r.agent, r.params, (1,))
         assert got[r.request_id] == want, f"request {r.request_id}"
+    assert packed and max(packed) > 1 and not one_by_one, (packed, one_by_one)
 
 
 def test_a_failing_prompt_in_a_batch_fails_alone(tiny_lm, agents, monkeypatch):

@@ -1,10 +1,10 @@
-"""Candidate selection (MARA_SPEC.md §1) against transformers' own warpers, and edge cases."""
+"""Candidate selection (docs/algorithm.md §1) against transformers' own warpers, and edge cases."""
 
 import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from mara_core.candidates import select_candidates, select_candidates_batch
+from mara_serve.engine.candidates import select_candidates, select_candidates_batch
 
 
 def hf_candidates(logits: torch.Tensor, k: int, p: float) -> list[int]:

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mara_core.agent import AgentCard, AgentNetwork, save_agent
-from mara_core.cli import default_cache_dir
-from mara_core.loading import ModelConfig, load_model, render_chat
-from mara_core.reference import reference_generate
-from mara_core.sampling import SamplingParams
+from mara_serve.engine.agent import AgentCard, AgentNetwork, save_agent
+from mara_serve.engine.default_model import default_cache_dir
+from mara_serve.engine.loading import ModelConfig, load_model, render_chat
+from mara_serve.engine.reference import reference_generate
+from mara_serve.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 PROMPT = "Name three primary colors."
@@ -50,7 +50,7 @@ def test_compare_json_gives_base_and_aligned_matching_the_reference(default_lm, 
                "--max-new-tokens", "10", "--compare", "--json")  # fmt: skip
     assert set(out) == {"base", "aligned"}
     ids = render_chat(default_lm.tokenizer, [{"role": "user", "content": PROMPT}])
-    from mara_core.agent import load_agent
+    from mara_serve.engine.agent import load_agent
 
     agent = load_agent(agent_dir)
     params = SamplingParams(max_new_tokens=10)

@@ -5,12 +5,12 @@ import asyncio
 import pytest
 import torch
 
-from mara_core.async_engine import AsyncEngine
-from mara_core.engine import EngineConfig, LLMEngine
-from mara_core.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
-from mara_core.reference import reference_generate
-from mara_core.request import Request
-from mara_core.sampling import SamplingParams
+from mara_serve.engine.async_engine import AsyncEngine
+from mara_serve.engine.engine import EngineConfig, LLMEngine
+from mara_serve.engine.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
+from mara_serve.engine.reference import reference_generate
+from mara_serve.engine.request import Request
+from mara_serve.engine.sampling import SamplingParams
 
 
 def run_all(engine: LLMEngine) -> dict:

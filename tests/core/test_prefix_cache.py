@@ -1,17 +1,17 @@
 """Prefix caching: a prefill that starts from cached blocks computes the same state as a full
 prefill, the engine with the cache on still emits the serial reference's tokens, and the cache
-keeps to its budget (mara_core/prefix_cache.py)."""
+keeps to its budget (mara_serve/engine/prefix_cache.py)."""
 
 import pytest
 import torch
 from tiny_models import random_prompts
 
-from mara_core.engine import EngineConfig, LLMEngine
-from mara_core.prefix_cache import PrefixCache
-from mara_core.reference import reference_generate
-from mara_core.request import Request
-from mara_core.runner import ModelRunner
-from mara_core.sampling import SamplingParams
+from mara_serve.engine.engine import EngineConfig, LLMEngine
+from mara_serve.engine.prefix_cache import PrefixCache
+from mara_serve.engine.reference import reference_generate
+from mara_serve.engine.request import Request
+from mara_serve.engine.runner import ModelRunner
+from mara_serve.engine.sampling import SamplingParams
 
 SYSTEM = random_prompts(1, seed=11, length=21)[0]  # a shared "chat template" prefix
 

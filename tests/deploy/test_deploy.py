@@ -4,9 +4,9 @@ Owns: Dockerfile, .dockerignore, constraints.txt and deploy/ (kustomize base, ov
 optional components, examples). Nothing here needs a cluster, a Docker daemon or the network:
 overlays are rendered with `kubectl kustomize`, core manifests are validated with
 kubernetes-validate (strict, Kubernetes 1.30), CRDs (ServiceMonitor, ScaledObject) are checked
-structurally, and the Dockerfile is linted with hadolint. Each test skips with a clear reason when
-its tool is missing. The last tests cross-check names against the server package and skip until
-that package exposes them.
+structurally, and the Dockerfile is linted with hadolint. Only the tools that are
+not Python packages (kubectl, the hadolint binary) skip with a clear reason when missing; the last
+tests cross-check names against the server package (an import error there fails).
 """
 
 from __future__ import annotations
@@ -182,7 +182,9 @@ def deploy_metric_names() -> set[str]:
     text = "\n".join(
         p.read_text() for p in sorted(DEPLOY.rglob("*")) if p.suffix in {".yaml", ".md"}
     )
-    return set(re.findall(r"\bmara_[a-z0-9_]+\b", text)) - {"mara_core"}
+    return set(re.findall(r"\bmara_[a-z0-9_]+\b", text)) - {
+        "mara_serve"
+    }  # the package name, not a metric
 
 
 def family(name: str) -> str:
@@ -211,7 +213,8 @@ def test_overlay_renders_every_resource(rendered):
 
 
 def test_core_manifests_pass_strict_schema_validation(rendered):
-    kv = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate as kv
+
     for doc in rendered:
         if is_crd(doc):
             continue
@@ -223,7 +226,8 @@ def test_core_manifests_pass_strict_schema_validation(rendered):
 
 def test_strict_validation_rejects_unknown_fields():
     """Guards the test above: strict mode must fail a misspelt field, not ignore it."""
-    kv = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate as kv
+
     deployment = json.loads(json.dumps(only(list(_render_overlay("cpu")), "Deployment")))
     deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
     with pytest.raises(kv.ValidationError):
@@ -231,14 +235,16 @@ def test_strict_validation_rejects_unknown_fields():
 
 
 def test_example_manifests_pass_strict_schema_validation():
-    kv = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate as kv
+
     for path in sorted((DEPLOY / "examples").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             kv.validate(doc, K8S_VERSION, strict=True)
 
 
 def test_yamllint_passes_on_deploy_dir():
-    pytest.importorskip("yamllint")
+    import yamllint  # noqa: F401  (a dev dependency: its absence fails)
+
     proc = subprocess.run(
         [sys.executable, "-m", "yamllint", "-s", "-c", str(DEPLOY / ".yamllint.yaml"), "deploy"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
@@ -545,7 +551,7 @@ def test_dockerignore_keeps_build_inputs_and_drops_local_state():
                     assert "__pycache__" in rel or not dockerignore_excludes(rel), rel
     for path in (
         ".venv/bin/python", ".git/HEAD", "models/SmolLM2-135M-Instruct/model.safetensors",
-        ".cache/x", "mara_core/__pycache__/engine.cpython-311.pyc", "tests/deploy/test_deploy.py",
+        ".cache/x", "mara_serve/__pycache__/engine.cpython-311.pyc", "tests/deploy/test_deploy.py",
         "mara_serve.egg-info/PKG-INFO", "deploy/base/deployment.yaml", "artifacts/run.json",
     ):  # fmt: skip
         assert dockerignore_excludes(path), f"{path} would enter the build context"
@@ -593,10 +599,8 @@ def test_constraints_pin_every_runtime_dependency_and_no_dev_tools():
 
 
 def test_metric_names_used_by_deploy_exist_in_server():
-    metrics = pytest.importorskip("server.metrics")
-    names = getattr(metrics, "METRIC_NAMES", None)
-    if names is None:
-        pytest.skip("server.metrics.METRIC_NAMES is not defined yet")
+    from mara_serve.server.metrics import METRIC_NAMES as names
+
     families = {family(n) for n in names}
     referenced = deploy_metric_names()
     assert HPA_METRIC in referenced
@@ -605,10 +609,8 @@ def test_metric_names_used_by_deploy_exist_in_server():
 
 
 def test_probe_paths_match_server(rendered):
-    app = pytest.importorskip("server.app")
-    paths = getattr(app, "PROBE_PATHS", None)
-    if paths is None:
-        pytest.skip("server.app.PROBE_PATHS is not defined yet")
+    from mara_serve.server.app import PROBE_PATHS as paths
+
     container = server_container(rendered)
     assert container["livenessProbe"]["httpGet"]["path"] == paths["liveness"]
     assert container["readinessProbe"]["httpGet"]["path"] == paths["readiness"]
@@ -621,10 +623,8 @@ def test_probe_paths_match_server(rendered):
 
 def test_rendered_config_is_accepted_by_server_settings(rendered, monkeypatch, tmp_path):
     """The ConfigMap plus the Secret's keys, loaded exactly as the pod's environment would be."""
-    settings_module = pytest.importorskip("server.settings")
-    settings_cls = getattr(settings_module, "Settings", None)
-    if settings_cls is None:
-        pytest.skip("server.settings.Settings is not defined yet")
+    from mara_serve.server.settings import Settings as settings_cls
+
     for key in [k for k in os.environ if k.startswith("MARA_")]:
         monkeypatch.delenv(key)
     config = config_data(rendered)
@@ -645,15 +645,15 @@ def test_rendered_config_is_accepted_by_server_settings(rendered, monkeypatch, t
 def test_image_install_keeps_package_data(tmp_path):
     """The image runs `pip install .`: non-Python files the packages ship (the default agent
     and its card) must survive both .dockerignore and the wheel build."""
-    packages = ("mara_core", "server")
+    packages = ("mara_serve",)
     data = sorted(
         p.relative_to(REPO).as_posix()
         for pkg in packages
         for p in (REPO / pkg).rglob("*")
         if p.is_file() and p.suffix not in {".py", ".pyc"} and "__pycache__" not in p.parts
     )
-    if not data:
-        pytest.skip("mara_core/ and server/ ship no data files yet (e.g. the default agent)")
+    assert "mara_serve/agents/smollm2-safety/agent.safetensors" in data
+    assert "mara_serve/server/static/index.html" in data
     ignored = [d for d in data if dockerignore_excludes(d)]
     assert not ignored, f".dockerignore drops package data: {ignored}"
     src = tmp_path / "src"

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from reliability.support import BASE, OpenStream, slow_engine, wait_for
 
-from server.settings import Settings
+from mara_serve.server.settings import Settings
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 LONG = {"model": BASE, "messages": MESSAGES, "max_tokens": 400, "ignore_eos": True}

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from reliability.support import BASE
 
-from server.settings import Settings
+from mara_serve.server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "sk-live-api-7f3a9c1e5b"
@@ -72,7 +72,7 @@ def test_no_secret_reaches_the_logs_of_a_real_server(tiny_model_dir: Path, agent
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MARA_")}
     env.update(MARA_API_KEY=API_KEY, MARA_ADMIN_KEY=ADMIN_KEY)
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_model_dir),
+    cmd = [sys.executable, "-m", "mara_serve", "serve", "--model", str(tiny_model_dir),
            "--port", str(port), "--log-level", "debug", "--agent-dir", str(agent_dir),
            "--max-request-body-bytes", "4096", "--graceful-shutdown-s", "2"]  # fmt: skip
     proc = subprocess.Popen(

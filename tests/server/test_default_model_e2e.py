@@ -8,10 +8,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from mara_core.agent import AgentCard, AgentNetwork, save_agent
-from mara_core.default_model import DEFAULT_MODEL_NAME
-from server.app import create_app
-from server.settings import Settings
+from mara_serve.engine.agent import AgentCard, AgentNetwork, save_agent
+from mara_serve.engine.default_model import DEFAULT_MODEL_NAME
+from mara_serve.server.app import create_app
+from mara_serve.server.settings import Settings
 
 
 @pytest.mark.slow

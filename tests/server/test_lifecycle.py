@@ -18,11 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-import server.lifecycle
-from mara_core.errors import ModelLoadError
-from server.app import create_app
-from server.serving.transport import SSEResponse
-from server.settings import Settings
+from mara_serve.engine.errors import ModelLoadError
+from mara_serve.server import lifecycle
+from mara_serve.server.app import create_app
+from mara_serve.server.serving.transport import SSEResponse
+from mara_serve.server.settings import Settings
 
 BASE = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
@@ -67,13 +67,13 @@ def test_health_is_up_while_the_model_loads_and_ready_only_after(
     monkeypatch: pytest.MonkeyPatch, start_server, tiny_model_dir: Path
 ) -> None:
     release = threading.Event()
-    real_build = server.lifecycle.build_engine
+    real_build = lifecycle.build_engine
 
     def slow_build(settings: Settings):
         assert release.wait(30)
         return real_build(settings)
 
-    monkeypatch.setattr(server.lifecycle, "build_engine", slow_build)
+    monkeypatch.setattr(lifecycle, "build_engine", slow_build)
     live = start_server(
         app=create_app(Settings(model=str(tiny_model_dir), device="cpu")), wait_ready=False
     )
@@ -96,7 +96,7 @@ def test_a_model_that_fails_to_load_fails_health(
     def broken(settings: Settings):
         raise ModelLoadError("no such model: nowhere")
 
-    monkeypatch.setattr(server.lifecycle, "build_engine", broken)
+    monkeypatch.setattr(lifecycle, "build_engine", broken)
     fatal = threading.Event()
     app = create_app(Settings(model="nowhere"))
     app.state.mara.on_fatal = fatal.set
@@ -113,15 +113,6 @@ def test_a_startup_agent_that_does_not_fit_fails_startup(start_server, agent_dir
     live = start_server(agents={"w": agent_dir / "wrong-size"}, wait_ready=False)
     wait_for(lambda: httpx.get(live.base_url + "/health").status_code == 503, 10)
     assert "hidden size" in httpx.get(live.base_url + "/health").json()["error"]
-
-
-def test_a_dead_engine_fails_health_and_readiness(start_server) -> None:
-    live = start_server()
-    live.state.engine.shutdown(0)
-    assert httpx.get(live.base_url + "/health").status_code == 503
-    assert httpx.get(live.base_url + "/ready").status_code == 503
-    r = live.post("/v1/chat/completions", {"model": BASE, "messages": MESSAGES})
-    assert r.status_code == 503
 
 
 def test_stream_disconnect_frees_the_slot_within_a_second(server) -> None:
@@ -181,7 +172,9 @@ def test_engine_failure_is_reported_in_band_or_as_500(start_server) -> None:
     engine = live.state.engine.engine
     real_step = engine.step
 
-    def fail_once():
+    def fail_once():  # the first step with a running request fails; the next ones work
+        if not engine.running:
+            return real_step()
         engine.step = real_step
         raise RuntimeError("simulated device failure")
 
@@ -192,10 +185,14 @@ def test_engine_failure_is_reported_in_band_or_as_500(start_server) -> None:
     client.close()
     assert rest[-1] == "data: [DONE]"
     error = json.loads(rest[-2][len("data: ") :])["error"]
-    assert error["code"] == "generation_failed" and "simulated" in error["message"]
+    assert error["code"] == "generation_failed"
+    # The client gets the request id to quote, never the exception's text (it goes to the log).
+    assert "simulated" not in error["message"] and "RuntimeError" not in error["message"]
+    assert r.headers["x-request-id"] in error["message"]
     engine.step = fail_once
     r = live.post("/v1/chat/completions", {"model": BASE, "messages": MESSAGES, "max_tokens": 5})
     assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+    assert "simulated" not in r.text and r.headers["x-request-id"] in r.json()["error"]["message"]
     assert live.metric("mara_requests_total", {"status": "error"}) == 2
     r = live.post("/v1/chat/completions", {"model": BASE, "messages": MESSAGES, "max_tokens": 5})
     assert r.status_code == 200
@@ -236,7 +233,7 @@ def test_sigterm_drains_running_streams_then_exits(long_context_model_dir: Path)
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "mara_serve",
             "serve",
             "--model",
             str(long_context_model_dir),

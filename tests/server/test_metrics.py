@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.metrics import METRIC_NAMES
+from mara_serve.server.metrics import METRIC_NAMES
 
 BASE = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "Count to five."}]

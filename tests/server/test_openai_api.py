@@ -12,10 +12,10 @@ import pytest
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from mara_core.agent import load_agent
-from mara_core.loading import LoadedModel, render_chat
-from mara_core.reference import reference_generate
-from mara_core.sampling import SamplingParams
+from mara_serve.engine.agent import load_agent
+from mara_serve.engine.loading import LoadedModel, render_chat
+from mara_serve.engine.reference import reference_generate
+from mara_serve.engine.sampling import SamplingParams
 
 BASE = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
@@ -279,7 +279,7 @@ def test_completions_batch_prompts_echo_and_token_ids(client: openai.OpenAI, ser
         {"model": BASE, "prompt": "The cat", "max_tokens": 5, "temperature": 0, "echo": True},
     ).json()
     assert ids["choices"][0]["text"] == "The cat" + r.choices[0].text
-    tok = server.state.lm.tokenizer
+    tok = server.state.services.lm.tokenizer
     by_ids = client.completions.create(
         model=BASE, prompt=tok("The cat")["input_ids"], max_tokens=5, temperature=0
     )

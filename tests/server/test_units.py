@@ -9,19 +9,20 @@ import pytest
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
-from mara_core.default_model import ensure_default_model
-from mara_core.errors import (
+from mara_serve.cli.main import build_parser, main
+from mara_serve.cli.serve import settings_from
+from mara_serve.engine.default_model import default_cache_dir, ensure_default_model
+from mara_serve.engine.errors import (
     AgentLoadError,
     ContextLengthExceededError,
     EngineNotReadyError,
     InvalidRequestError,
     QueueFullError,
 )
-from server.cli import _settings_from, build_parser, main
-from server.errors import ModelNotFoundError, describe
-from server.serving.detokenizer import IncrementalDetokenizer
-from server.serving.stop import StopStringMatcher
-from server.settings import Settings
+from mara_serve.server.errors import ModelNotFoundError, describe
+from mara_serve.server.serving.detokenizer import IncrementalDetokenizer
+from mara_serve.server.serving.stop import StopStringMatcher
+from mara_serve.server.settings import Settings
 
 TEXTS = [
     "Hello, world! How are you today?",
@@ -33,9 +34,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(
-        ensure_default_model(Path.home() / ".cache" / "mara-serve")
-    )
+    return AutoTokenizer.from_pretrained(ensure_default_model(default_cache_dir()))
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -163,20 +162,26 @@ def test_cli_flags_override_env_and_absent_flags_keep_it(monkeypatch: pytest.Mon
             "float32",
         ]
     )
-    s = _settings_from(args)
+    s = settings_from(args)
     assert (s.port, s.max_waiting, s.default_agents, s.dtype) == (8123, 7, False, "float32")
     assert s.agents == {"a": Path("/x"), "b": Path("/y")}
     assert s.api_key is not None and s.api_key.get_secret_value() == "k"
     assert s.host == "127.0.0.1"
 
 
-def test_every_setting_is_a_serve_flag() -> None:
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
-    dests = {a.dest for a in serve._actions}
-    assert set(Settings.model_fields) <= dests
-    assert {"generate", "fetch-default", "serve"} <= set(
-        build_parser()._subparsers._group_actions[0].choices
-    )
+def test_every_setting_is_a_serve_flag(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    for name in Settings.model_fields:
+        flag = "--" + {"agents": "agent"}.get(name, name).replace("_", "-")
+        assert flag in help_text, f"mara serve has no {flag} flag for setting {name!r}"
+        assert f"MARA_{name.upper()}" in help_text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    top = capsys.readouterr().out
+    for command in ("generate", "serve", "train", "eval", "fetch-default"):
+        assert command in top
 
 
 def test_cli_rejects_invalid_settings_with_status_2(capsys: pytest.CaptureFixture) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_llama
 
-from mara_core.loading import LoadedModel
+from mara_serve.engine.loading import LoadedModel
 
 WORDS = ["<unk>", "</s>"] + [f"w{i}" for i in range(2, VOCAB)]
 

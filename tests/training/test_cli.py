@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from mara_core.agent import load_agent
-from mara_core.cli import main
+from mara_serve.cli.main import main
+from mara_serve.engine.agent import load_agent
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mara_core.training.data import (
+from mara_serve.training.data import (
     Prompt,
     PromptFileError,
     PromptSampler,

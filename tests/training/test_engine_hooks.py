@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from tiny_models import last_hidden, make_agent, random_prompts
 
-from mara_core.candidates import select_candidates
-from mara_core.engine import EngineConfig, LLMEngine
-from mara_core.request import Request
-from mara_core.sampling import SamplingParams
+from mara_serve.engine.candidates import select_candidates
+from mara_serve.engine.engine import EngineConfig, LLMEngine
+from mara_serve.engine.request import Request
+from mara_serve.engine.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("chunk", [None, 3])

@@ -9,11 +9,11 @@ import pytest
 import torch
 from tiny_models import last_hidden, random_prompts
 
-from mara_core.engine import EngineConfig, LLMEngine
-from mara_core.request import Request
-from mara_core.sampling import SamplingParams
-from mara_core.training.data import Prompt
-from mara_core.training.episodes import (
+from mara_serve.engine.engine import EngineConfig, LLMEngine
+from mara_serve.engine.request import Request
+from mara_serve.engine.sampling import SamplingParams
+from mara_serve.training.data import Prompt
+from mara_serve.training.episodes import (
     Decision,
     Episode,
     EpisodeAgent,
@@ -22,7 +22,7 @@ from mara_core.training.episodes import (
     collect_episodes,
     episode_transitions,
 )
-from mara_core.training.sac import DiscreteSAC, SACConfig
+from mara_serve.training.sac import DiscreteSAC, SACConfig
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
@@ -111,7 +111,7 @@ def test_collect_episodes_runs_many_prompts_in_one_batch(tiny_lm):
 
 
 def test_a_guide_steers_the_episode_through_the_models_own_candidates(tiny_lm):
-    from mara_core.candidates import select_candidates
+    from mara_serve.engine.candidates import select_candidates
 
     prompt = random_prompts(1, seed=3)[0]
     first = select_candidates(

@@ -8,9 +8,9 @@ import pytest
 import torch
 from tiny_models import make_agent
 
-from mara_core.training.eval_cmd import markdown
-from mara_core.training.evaluate import EvalConfig, run_eval
-from mara_core.training.plots import plot_eval
+from mara_serve.cli.eval import markdown
+from mara_serve.training.evaluate import EvalConfig, run_eval
+from mara_serve.training.plots import plot_eval
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mara_core.training.refusal import is_degenerate, is_refusal
+from mara_serve.training.refusal import is_degenerate, is_refusal
 
 REFUSALS = [
     "I'm sorry, but I can't assist with that.",

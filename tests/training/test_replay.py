@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mara_core.training.episodes import Transitions
-from mara_core.training.replay import ReplayBuffer
+from mara_serve.training.episodes import Transitions
+from mara_serve.training.replay import ReplayBuffer
 
 
 def _episode(first_id: int, n: int) -> Transitions:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mara_core.training.data import Prompt
-from mara_core.training.rewards import (
+from mara_serve.training.data import Prompt
+from mara_serve.training.rewards import (
     ClassifierReward,
     EntryPointReward,
     RefusalReward,

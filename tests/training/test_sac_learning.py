@@ -9,14 +9,14 @@ import json
 
 import torch
 
-from mara_core.agent import Agent, AgentCard
-from mara_core.engine import EngineConfig, LLMEngine
-from mara_core.loading import render_chat
-from mara_core.request import Request
-from mara_core.sampling import SamplingParams
-from mara_core.training.rewards import Reward
-from mara_core.training.sac import SACConfig
-from mara_core.training.trainer import TrainConfig, Trainer
+from mara_serve.engine.agent import Agent, AgentCard
+from mara_serve.engine.engine import EngineConfig, LLMEngine
+from mara_serve.engine.loading import render_chat
+from mara_serve.engine.request import Request
+from mara_serve.engine.sampling import SamplingParams
+from mara_serve.training.rewards import Reward
+from mara_serve.training.sac import SACConfig
+from mara_serve.training.trainer import TrainConfig, Trainer
 
 N_PROMPTS, NEW_TOKENS = 64, 8
 

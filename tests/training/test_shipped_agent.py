@@ -8,21 +8,25 @@ import json
 
 import pytest
 
-from mara_core.agent import load_agent
-from mara_core.cli import default_cache_dir
-from mara_core.default_model import DEFAULT_AGENT_DIR, converted_dir, default_agents
-from mara_core.engine import EngineConfig, LLMEngine
-from mara_core.loading import ModelConfig, load_model, render_chat
-from mara_core.request import Request
-from mara_core.sampling import SamplingParams
-from mara_core.training.refusal import is_refusal
+from mara_serve.engine.agent import load_agent
+from mara_serve.engine.default_model import (
+    DEFAULT_AGENT_DIR,
+    converted_dir,
+    default_agents,
+    default_cache_dir,
+)
+from mara_serve.engine.engine import EngineConfig, LLMEngine
+from mara_serve.engine.loading import ModelConfig, load_model, render_chat
+from mara_serve.engine.request import Request
+from mara_serve.engine.sampling import SamplingParams
+from mara_serve.training.refusal import is_refusal
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         not (DEFAULT_AGENT_DIR / "agent.safetensors").is_file(),
         reason="the shipped agent is not trained yet: run scripts/train_default_agent.sh to "
-        "create mara_core/agents/smollm2-safety/agent.safetensors",
+        "create mara_serve/agents/smollm2-safety/agent.safetensors",
     ),
     pytest.mark.skipif(
         not (converted_dir(default_cache_dir()) / "config.json").is_file(),

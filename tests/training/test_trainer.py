@@ -9,11 +9,11 @@ import pytest
 import torch
 from tiny_models import tiny_llama
 
-from mara_core.agent import load_agent
-from mara_core.loading import ModelConfig
-from mara_core.training.data import Prompt, PromptFileError
-from mara_core.training.sac import SACConfig
-from mara_core.training.trainer import TrainConfig, Trainer, TrainingError
+from mara_serve.engine.agent import load_agent
+from mara_serve.engine.loading import ModelConfig
+from mara_serve.training.data import Prompt, PromptFileError
+from mara_serve.training.sac import SACConfig
+from mara_serve.training.trainer import TrainConfig, Trainer, TrainingError
 
 
 def _prompt_files(tmp_path: Path, make_prompt_text) -> tuple[str, str]:
@@ -124,8 +124,8 @@ def test_unlabelled_prompts_with_the_refusal_reward_fail_before_the_model_loads(
 
 
 def test_prompt_baseline_centres_rewards_on_the_agents_own_episodes():
-    from mara_core.training.episodes import Episode
-    from mara_core.training.rewards import centre_by_prompt
+    from mara_serve.training.episodes import Episode
+    from mara_serve.training.rewards import centre_by_prompt
 
     def ep(text, guided=0):
         return Episode(Prompt(text), [], "", "stop", guided_tokens=guided)
@@ -138,7 +138,7 @@ def test_prompt_baseline_centres_rewards_on_the_agents_own_episodes():
 
 
 def test_actor_can_start_near_a_given_accept_probability():
-    from mara_core.training.sac import DiscreteSAC
+    from mara_serve.training.sac import DiscreteSAC
 
     torch.manual_seed(0)
     sac = DiscreteSAC(64, SACConfig(inner_dim=64, init_accept_prob=0.9))

@@ -1,43 +1,26 @@
 """Fixtures for the browser tier: headless Chromium (Debian's `chromium`, driven by playwright)
 against a live server on 127.0.0.1 with the tiny random model and two agents.
 
-The tiny model, agents and `LiveServer` come from the HTTP tier's conftest (loaded by path:
-conftest modules are not importable by name). The model has a 4096-token context so a stream
+The tiny model, agents and `LiveServer` come from the HTTP tier's fixtures
+(tests/live_server.py). The model has a 4096-token context so a stream
 can run long enough to be stopped. Every test skips with the reason when playwright or
 Chromium is missing (install: `pip install playwright` and `apt-get install -y chromium`).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
+import live_server as http
 import pytest
 from headless_chromium import CHROMIUM_ARGS, chromium_path
 
-from mara_core.agent import AgentCard, save_agent
-from mara_core.loading import ModelConfig, load_model
-from server.settings import Settings
+from mara_serve.engine.agent import AgentCard, save_agent
+from mara_serve.engine.loading import ModelConfig, load_model
+from mara_serve.server.settings import Settings
 
 API_KEY = "ui-test-key"
-
-
-def _load_http_conftest() -> Any:
-    name = "_mara_http_conftest"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "server" / "conftest.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-http = _load_http_conftest()
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.settings import Settings
+from mara_serve.server.app import create_app
+from mara_serve.server.settings import Settings
 
 
 @pytest.fixture(scope="module")

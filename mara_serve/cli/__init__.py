@@ -1,0 +1,1 @@
+"""The `mara` command line (`main.py`); one module per subcommand. Nothing else imports it."""

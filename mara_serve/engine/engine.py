@@ -1,0 +1,429 @@
+"""The engine: a bounded waiting queue, a running batch, and the step loop (continuous batching).
+
+`LLMEngine` is synchronous and owned by one thread: `step()` admits waiting requests into free
+cache slots (prefill), runs one `decode_step` for every running row, and returns the new tokens
+as `RequestOutput` deltas. Requests join and leave the batch between steps. `add_request` and
+`abort` may be called from any thread (they only touch the lock-protected intake).
+
+Invariants: running[i].slot == i for all i (dense slots); a request is in exactly one of
+waiting/running until it finishes; every request ends with exactly one finished output.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mara_serve.engine.errors import (
+    ContextLengthExceededError,
+    EngineDeadError,
+    EngineNotReadyError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from mara_serve.engine.loading import LoadedModel
+from mara_serve.engine.prefix_cache import PrefixCache
+from mara_serve.engine.request import Request, RequestOutput, TokenTrace
+from mara_serve.engine.runner import MAX_CANDIDATES, ModelRunner
+from mara_serve.engine.sequence import Sequence
+from mara_serve.engine.step import decode_step
+
+log = logging.getLogger(__name__)
+
+CPU_CHUNK_SIZE = 4
+Result = tuple[list[int], list[TokenTrace], str]  # token ids, traces, finish reason
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 16  # cache slots = rows of the running batch
+    max_waiting: int = 256  # bounded queue; beyond it add_request raises QueueFullError
+    # Candidates judged per forward (a value >= top_k: all at once). None picks by device, as
+    # measured by bench/decode.py: 4 on CPU (a forward of 40 tokens costs ~2.5x one token
+    # there), all at once on GPU (extra tokens are nearly free when decoding is memory-bound).
+    chunk_size: int | None = None
+    # Rows whose agent keeps accepting the top-1 try it alone first (None: on for CPU only).
+    probe_top1: bool | None = None
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled per step (keeps inter-token latency)
+    # K/V of prompt prefixes kept for reuse, in tokens (0: off); see prefix_cache.py.
+    prefix_cache_tokens: int = 0
+    prefix_block_size: int = 8  # SmolLM2's chat template shares 24 tokens across requests
+    # Prompts admitted in one step share one prefill forward (runner.prefill_batch). Off keeps
+    # each prompt's prefill numerically independent of what else arrives (train/eval/generate).
+    batch_prefill: bool = False
+
+
+class LLMEngine:
+    def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.lm = lm
+        self.config = config
+        self.runner = ModelRunner(lm, config.max_running)
+        self.prefix_cache = PrefixCache(config.prefix_cache_tokens, config.prefix_block_size)
+        on_cpu = lm.device.type == "cpu"
+        self.chunk_size = (
+            config.chunk_size
+            if config.chunk_size is not None
+            else (CPU_CHUNK_SIZE if on_cpu else None)
+        )
+        self.probe_top1 = config.probe_top1 if config.probe_top1 is not None else on_cpu
+        self.max_model_len = self.runner.max_len
+        self._lock = threading.Lock()
+        self._waiting: deque[Request] = deque()
+        self._aborts: set[str] = set()
+        self._accepting = True
+        self.running: list[Sequence] = []
+        self.num_steps = 0
+
+    # ---- intake (any thread) ------------------------------------------------------------
+
+    def validate(self, request: Request) -> None:
+        ids = request.prompt_token_ids
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if min(ids) < 0 or max(ids) >= self.lm.vocab_size:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.lm.vocab_size})",
+                                      "prompt")  # fmt: skip
+        total = len(ids) + request.params.max_new_tokens
+        if total > self.max_model_len:
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{len(ids)} prompt tokens + {request.params.max_new_tokens} new tokens were "
+                f"requested ({total}); shorten the prompt or lower max_tokens", "messages",
+            )  # fmt: skip
+        agent = request.agent
+        if agent is not None and request.params.mara_top_k() > MAX_CANDIDATES:
+            raise InvalidRequestError(f"top_k must be <= {MAX_CANDIDATES} with an agent", "top_k")
+        if agent is not None and agent.hidden_size != self.lm.hidden_size:
+            raise InvalidRequestError(
+                f"agent {agent.name!r} has hidden size {agent.hidden_size}, model has "
+                f"{self.lm.hidden_size}", "model",
+            )  # fmt: skip
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raises for invalid input, a full queue, or a stopped engine."""
+        self.add_requests([request])
+
+    def add_requests(self, requests: list[Request]) -> None:
+        """Queue several requests (the choices of one API request) all or none: every one is
+        validated and the queue must hold them all, else nothing is queued and this raises."""
+        for request in requests:
+            self.validate(request)
+        with self._lock:
+            if not self._accepting:
+                raise EngineNotReadyError("the engine is shutting down")
+            if len(self._waiting) + len(requests) > self.config.max_waiting:
+                raise QueueFullError(f"waiting queue is full ({self.config.max_waiting})")
+            self._waiting.extend(requests)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    # ---- state --------------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self._waiting or self._aborts)
+
+    def request_ids(self) -> set[str]:
+        """Ids of the requests the engine holds (waiting or running)."""
+        with self._lock:
+            waiting = {r.request_id for r in self._waiting}
+        return waiting | {s.request_id for s in self.running}
+
+    def stats(self) -> dict:
+        return {
+            "running": self.num_running, "waiting": self.num_waiting,
+            "max_running": self.config.max_running, "max_waiting": self.config.max_waiting,
+            "kv_cache_capacity": self.runner.cache.capacity, "steps": self.num_steps,
+            **self.prefix_cache.stats(),
+        }  # fmt: skip
+
+    # ---- the loop (engine thread) -------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        outputs = self._apply_aborts()
+        outputs += self._admit()
+        if self.running:
+            outputs += self._decode()
+        self.num_steps += 1
+        return outputs
+
+    def _apply_aborts(self) -> list[RequestOutput]:
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+            if not aborts:
+                return []
+            dropped = [r for r in self._waiting if r.request_id in aborts]
+            self._waiting = deque(r for r in self._waiting if r.request_id not in aborts)
+        outs = [
+            RequestOutput(
+                r.request_id, [], [], True, "abort", num_prompt_tokens=len(r.prompt_token_ids)
+            )
+            for r in dropped
+        ]
+        for seq in [s for s in self.running if s.request_id in aborts]:
+            seq.finish_reason = "abort"
+            outs.append(self._final_output(seq, [], []))
+            self._release(seq)
+        return outs
+
+    def _admit(self) -> list[RequestOutput]:
+        """Move waiting requests into free slots and prefill them (within the step's budget).
+
+        A prompt identical to one admitted in the same call (n samples of one prompt, e.g.
+        training episodes) copies its KV instead of recomputing it. A request whose prefill
+        fails gets an error output and nothing else is affected; the running batch stays dense.
+        """
+        admitted = self._pop_admissible()
+        if not admitted:
+            return []
+        seqs, computed, twins = [], [], []
+        first: dict[tuple[int, ...], Sequence] = {}
+        for request in admitted:
+            seq = Sequence(request, len(self.running) + len(seqs), self.lm.eos_token_ids,
+                           self.lm.device)  # fmt: skip
+            seq.first_scheduled_time = time.monotonic()
+            seqs.append(seq)
+            key = tuple(request.prompt_token_ids)
+            if key in first:
+                twins.append((seq, first[key]))
+            else:
+                first[key] = seq
+                computed.append(seq)
+        failed = self._prefill(computed)
+        if computed and len(failed) == len(computed):
+            self._check_alive(next(iter(failed.values())))
+        for seq, source in twins:
+            if id(source) in failed:
+                failed[id(seq)] = failed[id(source)]
+                continue
+            self.runner.cache.move(source.slot, seq.slot, seq.num_prompt_tokens)
+            seq.next_logits = source.next_logits  # read-only until its first step
+        outs: list[RequestOutput] = []
+        for seq in seqs:
+            n = seq.num_prompt_tokens
+            if id(seq) in failed:
+                outs.append(RequestOutput(seq.request_id, [], [], True, "error",
+                                          str(failed[id(seq)]), num_prompt_tokens=n))  # fmt: skip
+                continue
+            slot = len(self.running)
+            if seq.slot != slot:  # a failed request before it left a hole: keep slots dense
+                self.runner.cache.move(seq.slot, slot, n)
+                seq.slot = slot
+            seq.length = n
+            self.running.append(seq)
+        return outs
+
+    def _pop_admissible(self) -> list[Request]:
+        """Waiting requests for the free slots, within `max_prefill_tokens` of tokens actually
+        prefilled: a prompt's cached prefix costs nothing, nor does a prompt identical to one
+        already taken; the first request is always taken."""
+        taken: list[Request] = []
+        keys: set[tuple[int, ...]] = set()
+        budget = self.config.max_prefill_tokens
+        with self._lock:
+            while self._waiting and len(self.running) + len(taken) < self.config.max_running:
+                ids = self._waiting[0].prompt_token_ids
+                key = tuple(ids)
+                cost = 0 if key in keys else len(ids) - self.prefix_cache.cached_tokens(ids)
+                if cost > budget and budget < self.config.max_prefill_tokens:
+                    break  # this step's prefill budget is spent; the next step takes it
+                budget -= cost
+                keys.add(key)
+                taken.append(self._waiting.popleft())
+        return taken
+
+    def _prefill(self, seqs: list[Sequence]) -> dict[int, Exception]:
+        """Prefill each sequence's prompt into its slot (from cached prefix blocks where the
+        prefix cache has them); returns id(seq) → error for the ones that failed. With
+        `batch_prefill` the prompts share one forward; if that fails, they are retried one by
+        one so only the faulty request fails."""
+        items = []
+        for seq in seqs:
+            ids = seq.request.prompt_token_ids
+            blocks = self.prefix_cache.match(ids)
+            items.append((seq, ids, self.prefix_cache.load(self.runner.cache, seq.slot, blocks)))
+        if self.config.batch_prefill and len(items) > 1:
+            try:
+                hidden = self.runner.prefill_batch([(s.slot, ids, a) for s, ids, a in items])
+                self._prefilled(items, hidden)
+                return {}
+            except Exception:
+                log.exception("batched prefill failed; prefilling the prompts one by one")
+        failed: dict[int, Exception] = {}
+        for item in items:
+            seq, ids, start = item
+            try:
+                self._prefilled([item], self.runner.prefill(seq.slot, ids, start)[None])
+            except Exception as e:  # one bad request must not take the engine down
+                log.exception("prefill failed for %s", seq.request_id)
+                failed[id(seq)] = e
+        return failed
+
+    def _prefilled(self, items: list, hidden: torch.Tensor) -> None:
+        logits = self.runner.logits(hidden)
+        for (seq, ids, _), row in zip(items, logits, strict=True):
+            self.prefix_cache.store(self.runner.cache, seq.slot, ids)
+            seq.next_logits = row
+
+    def _decode(self) -> list[RequestOutput]:
+        # Seeded rows' generator states before the step: a row retried alone after a batch
+        # failure draws exactly what it drew in the batch (its output never depends on whether
+        # a neighbour faulted).
+        rng = {id(s): s.generator.get_state() for s in self.running if s.generator is not None}
+        try:
+            traces = decode_step(self.runner, self.running, self.chunk_size, self.probe_top1)
+            results: list[tuple[Sequence, list[TokenTrace] | Exception]] = [
+                (s, [t]) for s, t in zip(self.running, traces, strict=True)
+            ]
+        except Exception:
+            # Isolate the failure: step each row alone; only rows that fail alone are failed.
+            log.exception("batched decode step failed; retrying rows one by one")
+            results = []
+            for seq in list(self.running):
+                if seq.generator is not None:
+                    seq.generator.set_state(rng[id(seq)])
+                try:
+                    results.append(
+                        (
+                            seq,
+                            decode_step(self.runner, [seq], self.chunk_size, self.probe_top1),
+                        )
+                    )
+                except Exception as e:
+                    log.exception("decode failed for %s", seq.request_id)
+                    results.append((seq, e))
+            errors = [res for _, res in results if isinstance(res, Exception)]
+            if len(errors) == len(results):
+                self._check_alive(errors[0])
+        outs = []
+        for seq, res in results:
+            if isinstance(res, Exception):
+                seq.finish_reason = "error"
+                outs.append(self._final_output(seq, [], [], error=str(res) or type(res).__name__))
+                continue
+            seq.append(res[0].token_id, res[0])
+            outs.append(self._output(seq, [res[0].token_id], res))
+        for seq in [s for s in self.running if s.finish_reason is not None]:
+            self._release(seq)
+        return outs
+
+    # ---- faults -------------------------------------------------------------------------
+
+    def self_check(self) -> bool:
+        """Can the model still run? One token through the runner and the LM head, no agent and
+        no sampling, at a scratch position (past slot 0's length, never read unmasked). Tells
+        a request's own fault (its agent, its input) from the engine's (the device, the
+        weights) when every request of a step failed."""
+        try:
+            length = self.running[0].length if self.running else 0
+            device = self.runner.device
+            hidden = self.runner.forward_tokens(
+                1,
+                torch.tensor([length], device=device),
+                torch.tensor([self.lm.eos_token_ids[0] if self.lm.eos_token_ids else 0],
+                             device=device),
+                torch.zeros(1, dtype=torch.long, device=device),
+                torch.zeros(1, dtype=torch.long, device=device),
+                1,
+            )  # fmt: skip
+            return bool(torch.isfinite(self.runner.logits(hidden)).all())
+        except Exception:
+            log.exception("engine self-check failed")
+            return False
+
+    def _check_alive(self, cause: Exception) -> None:
+        """Every request of this step failed: raise EngineDeadError unless the model runs."""
+        if not self.self_check():
+            raise EngineDeadError(f"the model can no longer run: {type(cause).__name__}") from (
+                cause
+            )
+
+    def fail_running(self, error: str) -> list[RequestOutput]:
+        """End every running request with an error and free all slots (after a step failed in
+        a way the engine could not isolate). Waiting requests stay queued."""
+        outs = []
+        for seq in self.running:
+            seq.finish_reason = "error"
+            outs.append(self._final_output(seq, [], [], error=error))
+        self.running.clear()
+        return outs
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """The engine is dead: stop admission and end every request, running and waiting."""
+        outs = self.fail_running(error)
+        with self._lock:
+            self._accepting = False
+            waiting, self._waiting = list(self._waiting), deque()
+            self._aborts.clear()
+        outs += [
+            RequestOutput(r.request_id, [], [], True, "error", error,
+                          num_prompt_tokens=len(r.prompt_token_ids))
+            for r in waiting
+        ]  # fmt: skip
+        return outs
+
+    def _output(self, seq: Sequence, ids: list[int], traces: list[TokenTrace]) -> RequestOutput:
+        out = RequestOutput(
+            seq.request_id, ids, traces, seq.finish_reason is not None, seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens, num_generated_tokens=len(seq.output_ids),
+        )  # fmt: skip
+        if not seq.reported_queue_time:
+            out.queue_time = seq.first_scheduled_time - seq.request.arrival_time
+            seq.reported_queue_time = True
+        return out
+
+    def _final_output(self, seq, ids, traces, error: str | None = None) -> RequestOutput:
+        out = self._output(seq, ids, traces)
+        out.finished, out.finish_reason, out.error = True, seq.finish_reason, error
+        return out
+
+    def _release(self, seq: Sequence) -> None:
+        """Remove a sequence from the batch; the last row moves into its slot (dense slots)."""
+        i = self.running.index(seq)
+        last = self.running.pop()
+        if last is not seq:
+            self.runner.cache.move(last.slot, i, last.length)
+            last.slot = i
+            self.running[i] = last
+
+    # ---- convenience --------------------------------------------------------------------
+
+    def generate(
+        self, requests: list[Request], on_finish: Callable[[str], None] | None = None
+    ) -> dict[str, tuple[list[int], list[TokenTrace], str]]:
+        """Run requests to completion (all queued at once); returns id → (ids, traces, reason).
+
+        `on_finish(request_id)` is called as each request finishes (e.g. a progress bar)."""
+        results: dict[str, Result] = {r.request_id: ([], [], "") for r in requests}
+        for r in requests:
+            self.add_request(r)
+        while self.has_work():
+            for out in self.step():
+                ids, traces, _ = results[out.request_id]
+                ids += out.new_token_ids
+                traces += out.traces
+                if out.finished:
+                    results[out.request_id] = (ids, traces, out.finish_reason or "")
+                    if on_finish is not None:
+                        on_finish(out.request_id)
+        return results

@@ -1,0 +1,140 @@
+"""Base model loading: a local HF directory, a model id in the local HF cache, a `.gguf` file,
+or (no model given) the embedded default SmolLM2-135M-Instruct.
+
+Owns device/dtype resolution and the facts the engine needs about a model (`LoadedModel`).
+Never downloads from a hub: ids are looked up with `local_files_only=True`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mara_serve.engine.default_model import (
+    DEFAULT_MODEL_NAME,
+    default_cache_dir,
+    ensure_default_model,
+)
+from mara_serve.engine.errors import ModelLoadError
+from mara_serve.engine.weights import DecoderWeights
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None  # None → the embedded default
+    device: str = "auto"  # cpu | cuda | cuda:N | auto
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    cache_dir: Path = field(default_factory=default_cache_dir)  # where the default model lives
+    max_model_len: int | None = None  # None → the model's own context length
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a transformers *ForCausalLM, eval mode
+    tokenizer: object
+    name: str  # the id the API serves it under
+    device: torch.device
+    dtype: torch.dtype
+    hidden_size: int
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    # The batched runner's tensors, laid out once here (None: an architecture the runner does
+    # not implement; the serial reference still works).
+    weights: DecoderWeights | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if DecoderWeights.supports(self.model):
+            self.weights = DecoderWeights.from_hf(self.model)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32  # CPU matmuls in half precision are slow and less exact
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _source(cfg: ModelConfig) -> tuple[str, dict, str]:
+    """(from_pretrained path-or-id, extra kwargs, served name)."""
+    if cfg.model is None or cfg.model == "":
+        return str(ensure_default_model(Path(cfg.cache_dir))), {}, DEFAULT_MODEL_NAME
+    p = Path(cfg.model).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file not found: {p}")
+        return str(p.parent), {"gguf_file": p.name}, p.stem
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} is not a Hugging Face model directory (no config.json)")
+        return str(p), {}, p.name
+    if p.exists():
+        raise ModelLoadError(f"{p} is neither a model directory nor a .gguf file")
+    return cfg.model, {"local_files_only": True}, cfg.model
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no weight-loading bars in server logs or CLI output
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    src, kwargs, name = _source(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        hint = (
+            " (not found locally; there is no model hub here)"
+            if "local_files_only" in kwargs
+            else ""
+        )
+        raise ModelLoadError(f"could not load model {cfg.model or name!r}{hint}: {e}") from None
+    model.to(device).eval().requires_grad_(False)
+    config = model.config
+    ctx = getattr(config, "max_position_embeddings", None) or 2048
+    max_len = min(cfg.max_model_len or ctx, ctx)
+    eos: list[int] = []
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        for t in source if isinstance(source, list | tuple) else [source]:
+            if t is not None and t not in eos:
+                eos.append(int(t))
+    log.info("loaded %s on %s (%s), context %d", name, device, dtype, max_len)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype,
+        hidden_size=config.hidden_size, vocab_size=model.get_output_embeddings().weight.shape[0],
+        max_model_len=max_len, eos_token_ids=tuple(eos),
+    )  # fmt: skip
+
+
+def render_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Messages → prompt token ids, with the chat template rendered exactly once.
+
+    The template already writes BOS where the model wants one, so the text is tokenized with
+    add_special_tokens=False (the authors' code added a second BOS; docs/algorithm.md §5).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:  # a base model without a template: plain "role: content" turns
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

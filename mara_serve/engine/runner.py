@@ -1,0 +1,238 @@
+"""The lean model runner: prefill and candidate forwards over a preallocated KV cache.
+
+It runs a Llama-family model (llama, mistral, qwen2, qwen3) with the model's own weights but
+its own attention and cache, so that one forward scores many candidates of many rows
+(docs/algorithm.md §7):
+
+- `forward_tokens` takes N packed tokens; token i belongs to row r(i) (a cache slot) and is the
+  candidate of rank j(i). All candidates of a row sit at the same position id (the row's
+  length, docs/algorithm.md §2), and each one's K/V is stored at cache position `length + rank`.
+  The mask lets a candidate see the row's prefix and its own position only — the tree mask of
+  speculative decoding — so its final hidden state equals a separate forward of prefix + c_j
+  (the cache-sharing trap of docs/algorithm.md §3 cannot happen).
+- `commit` keeps only each row's chosen candidate: its K/V move from `length + rank` to
+  `length` (compaction). Positions past a row's length are scratch and are always masked.
+- `logits` runs the LM head only on the hidden states it is given (the chosen ones).
+
+Speed (gpt-fast style): q/k/v and gate/up projections run as one fused matmul each (the fused
+tensors are laid out once at load time, weights.py, and shared by every runner of the model);
+RMSNorm is `F.rms_norm`; RoPE runs once on q and k together from a precomputed cos/sin table.
+On CPU the per-op overhead of ~40 small ops per layer was a large share of a decode step.
+
+Shapes: N packed tokens, R rows, K max tokens per row, S keys, Hq/Hkv heads, g = Hq/Hkv.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mara_serve.engine.errors import UnsupportedModelError
+from mara_serve.engine.kv_cache import KVCache
+from mara_serve.engine.loading import LoadedModel
+from mara_serve.engine.weights import SUPPORTED_MODEL_TYPES, LayerWeights
+
+MAX_CANDIDATES = 256  # the largest top_k a MARA step may use (scratch positions per row)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class ModelRunner:
+    def __init__(self, lm: LoadedModel, max_slots: int):
+        model = lm.model
+        cfg = model.config
+        if lm.weights is None:
+            raise UnsupportedModelError(
+                f"model type {cfg.model_type!r} is not supported by the batched engine "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        self.lm = lm
+        attn = model.model.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.groups = self.num_heads // self.num_kv_heads
+        self.scale = attn.scaling
+        weights = lm.weights  # laid out once at load time, shared by every runner of `lm`
+        self.layers = weights.layers
+        self.norm_w, self.norm_eps = weights.norm_w, weights.norm_eps
+        self.embed = weights.embed
+        self.lm_head = weights.lm_head
+        self.device, self.dtype = lm.device, lm.dtype
+        max_len = lm.max_model_len
+        window = getattr(cfg, "sliding_window", None)
+        if window and getattr(cfg, "use_sliding_window", True):
+            max_len = min(max_len, window)  # within the window, sliding == full attention
+        self.max_len = max_len
+        # Room past the longest sequence for the candidates of a step (rank < MAX_CANDIDATES).
+        self.cache = KVCache(len(self.layers), max_slots, self.num_kv_heads, self.head_dim,
+                             max_len + MAX_CANDIDATES, self.dtype, self.device)  # fmt: skip
+        # cos/sin for every position from the model's own rotary module (it knows its scaling
+        # variant); a step then only indexes the table.
+        with torch.inference_mode():
+            dummy = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = model.model.rotary_emb(
+                dummy, torch.arange(max_len, device=self.device)[None]
+            )
+        self.cos, self.sin = cos[0], sin[0]  # (max_len, d)
+
+    # ---- phases -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: list[int], start: int = 0) -> torch.Tensor:
+        """Run a prompt into `slot`; returns the final hidden state (H,) of its last token.
+
+        With `start` > 0 the slot already holds the K/V of the first `start` tokens (a cached
+        prefix, prefix_cache.py) and only the rest is computed; `start` < len(token_ids).
+        """
+        return self.prefill_batch([(slot, token_ids, start)])[0]
+
+    @torch.inference_mode()
+    def prefill_batch(self, items: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """Prefill several prompts in one forward: items are (slot, token_ids, start) as for
+        `prefill`. The projections and MLPs run once over all the prompts' tokens packed
+        together (on a CPU a forward costs about one pass over the weights whatever its row
+        count up to a few hundred rows, so 16 short prompts cost little more than one);
+        attention runs per prompt against its own slot. Returns (len(items), H) final hidden
+        states of each prompt's last token."""
+        spans, positions, tokens = [], [], []  # spans: slot, start, T, rows [a, b) in the pack
+        a = 0
+        for slot, ids, start in items:
+            T = len(ids)
+            if not 0 <= start < T:
+                raise ValueError(f"prefill start {start} outside [0, {T})")
+            spans.append((slot, start, T, a, a + T - start))
+            positions.append(torch.arange(start, T, device=self.device))
+            tokens += ids[start:]
+            a += T - start
+        self.cache.ensure_capacity(max(T for _, _, T, _, _ in spans) + 1)
+        x = self.embed(torch.tensor(tokens, device=self.device))  # (N, H)
+        pos = positions[0] if len(positions) == 1 else torch.cat(positions)
+        cos, sin = self.cos[pos, None], self.sin[pos, None]  # (N, 1, d)
+        # A prompt with a cached prefix: query i (position start + i) sees keys 0..start + i.
+        masks = [
+            None if start == 0
+            else torch.arange(T, device=self.device)[None, :] <= positions[i][:, None]
+            for i, (_, start, T, _, _) in enumerate(spans)
+        ]  # fmt: skip
+        for li, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)  # (N, H*, d)
+            outs = []
+            for (slot, start, T, a, b), mask in zip(spans, masks, strict=True):
+                k_new, v_new = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
+                self.cache.keys[li, slot, :, start:T] = k_new
+                self.cache.values[li, slot, :, start:T] = v_new
+                if start:  # attend over the cached prefix too
+                    k_new = self.cache.keys[li, slot, :, :T]
+                    v_new = self.cache.values[li, slot, :, :T]
+                o = F.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1)[None],
+                    k_new[None],
+                    v_new[None],
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    scale=self.scale,
+                    enable_gqa=self.groups > 1,
+                )  # (1, Hq, T - start, d)
+                outs.append(o[0].transpose(0, 1).reshape(b - a, -1))
+            x = self._attn_out_and_mlp(layer, x, outs[0] if len(outs) == 1 else torch.cat(outs))
+        last = [b - 1 for *_, b in spans]
+        return F.rms_norm(x[last], x.shape[-1:], self.norm_w, self.norm_eps)
+
+    @torch.inference_mode()
+    def forward_tokens(
+        self,
+        rows: torch.Tensor | int,
+        lengths: torch.Tensor,
+        token_ids: torch.Tensor,
+        row_of: torch.Tensor,
+        col_of: torch.Tensor,
+        kmax: int,
+        rank_of: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Score N packed tokens (row-major), each a candidate at its row's next position.
+
+        rows: int R (the dense slots 0..R-1) or a (R,) tensor of slots; lengths (R,) prefix
+        lengths; token_ids/row_of/col_of (N,): token, its row, its column in the padded
+        (R, kmax) grid; rank_of (N,): its candidate rank (default: col_of), which picks its
+        scratch cache position `length + rank`. Returns final hidden states (N, H).
+        """
+        R = rows if isinstance(rows, int) else int(rows.numel())
+        slots = torch.arange(R, device=self.device) if isinstance(rows, int) else rows
+        N = int(token_ids.numel())
+        rank_of = col_of if rank_of is None else rank_of
+        store_pos = lengths[row_of] + rank_of  # (N,) where each token's K/V are written
+        S = int(store_pos.max()) + 1  # keys the step reads
+        self.cache.ensure_capacity(S)
+        cos, sin = self.cos[lengths[row_of]][:, None], self.sin[lengths[row_of]][:, None]
+        mask = self._tree_mask(R, kmax, S, lengths, row_of, col_of, store_pos)  # (R,1,gK,S)
+        dense = N == R * kmax  # every row has kmax tokens: packed order == padded order
+        flat = None if dense else row_of * kmax + col_of
+        token_slots = slots[row_of]
+        x = self.embed(token_ids)  # (N, H)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            self.cache.keys[i, token_slots, :, store_pos] = k  # (N, Hkv, d)
+            self.cache.values[i, token_slots, :, store_pos] = v
+            k_all, v_all = self.cache.prefix(i, rows, S)  # (R, Hkv, S, d)
+            o = self._attend(q, k_all, v_all, mask, R, kmax, flat)
+            x = self._attn_out_and_mlp(layer, x, o)
+        return F.rms_norm(x, x.shape[-1:], self.norm_w, self.norm_eps)
+
+    def commit(self, slots: torch.Tensor, lengths: torch.Tensor, ranks: torch.Tensor) -> None:
+        """Keep each row's chosen candidate: its K/V move from length + rank to length."""
+        moving = ranks != 0  # rank 0 already sits at `length`
+        if bool(moving.any()):
+            self.cache.move_positions(slots[moving], lengths[moving] + ranks[moving],
+                                      lengths[moving])  # fmt: skip
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (M, H) → float32 logits (M, V): the LM head on the chosen states only."""
+        return self.lm_head(hidden).float()
+
+    # ---- pieces -------------------------------------------------------------------------
+
+    def _qkv(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        n, Hq, Hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        h = F.rms_norm(x, x.shape[-1:], layer.ln1_w, layer.ln1_eps)
+        qkv = F.linear(h, layer.qkv_w, layer.qkv_b).view(n, Hq + 2 * Hkv, d)
+        qk, v = qkv[:, : Hq + Hkv], qkv[:, Hq + Hkv :]
+        if layer.q_norm is not None:
+            qk = torch.cat((layer.q_norm(qk[:, :Hq]), layer.k_norm(qk[:, Hq:])), dim=1)
+        qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k in one go
+        return qk[:, :Hq], qk[:, Hq:], v
+
+    def _attn_out_and_mlp(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor):
+        x = x + F.linear(attn, layer.o_w, layer.o_b)
+        h = F.rms_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_eps)
+        gate, up = F.linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
+        return x + F.linear(layer.act(gate) * up, layer.down_w, layer.down_b)
+
+    def _tree_mask(self, R, kmax, S, lengths, row_of, col_of, store_pos) -> torch.Tensor:
+        """Additive mask (R, 1, g*kmax, S): grid cell (r, c) sees t < length_r and its own
+        store position. Empty grid cells see the prefix only (no NaN rows)."""
+        t = torch.arange(S, device=self.device)
+        visible = (t[None, None] < lengths[:, None, None]).expand(R, kmax, S).clone()
+        visible[row_of, col_of, store_pos] = True
+        bias = torch.zeros(R, kmax, S, dtype=self.dtype, device=self.device)
+        bias.masked_fill_(~visible, float("-inf"))
+        # q rows are laid out (g, kmax) per kv head: repeat the mask over the g query heads.
+        return bias[:, None, None].expand(R, 1, self.groups, kmax, S).reshape(R, 1, -1, S)
+
+    def _attend(self, q, k_all, v_all, mask, R: int, kmax: int, flat) -> torch.Tensor:
+        """q (N, Hq, d) against each row's keys (R, Hkv, S, d) under `mask`. → (N, Hq*d)."""
+        Hkv, g, d = self.num_kv_heads, self.groups, self.head_dim
+        if flat is not None:  # scatter the packed tokens into the padded (R, kmax) grid
+            q = q.new_zeros(R * kmax, *q.shape[1:]).index_copy_(0, flat, q)
+        # q head h uses kv head h // g (transformers' repeat_kv order).
+        q = q.view(R, kmax, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(R, Hkv, g * kmax, d)
+        s = torch.matmul(q, k_all.transpose(-1, -2)) * self.scale + mask  # (R, Hkv, gK, S)
+        # softmax in float32 (a no-op on CPU; keeps bf16/fp16 GPU runs close to the reference)
+        p = torch.softmax(s.float(), dim=-1).to(q.dtype)  # (R, Hkv, gK, S)
+        o = torch.matmul(p, v_all)  # (R, Hkv, gK, d)
+        o = o.view(R, Hkv, g, kmax, d).permute(0, 3, 1, 2, 4).reshape(R * kmax, Hkv * g * d)
+        return o if flat is None else o.index_select(0, flat)

@@ -1,0 +1,80 @@
+"""Per-request sampling parameters and plain (agent-less) token sampling.
+
+`SamplingParams` is the engine's whole view of a request's decoding knobs. MARA rows use only
+`top_k`/`top_p` (candidate selection, docs/algorithm.md §1; temperature changes nothing there);
+plain rows sample with temperature/top-k/top-p and a per-request seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mara_serve.engine.errors import InvalidRequestError
+
+MARA_DEFAULT_TOP_K = 40
+MARA_DEFAULT_TOP_P = 0.95
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    # None means "the mode's default": MARA 40 / 0.95, plain decoding no top-k and top-p 1.0.
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens must be >= 1", "max_tokens")
+        if self.top_k is not None and self.top_k < 1:
+            raise InvalidRequestError("top_k must be >= 1", "top_k")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError("top_p must be in (0, 1]", "top_p")
+        if self.temperature < 0.0:
+            raise InvalidRequestError("temperature must be >= 0", "temperature")
+
+    def mara_top_k(self) -> int:
+        return MARA_DEFAULT_TOP_K if self.top_k is None else self.top_k
+
+    def mara_top_p(self) -> float:
+        return MARA_DEFAULT_TOP_P if self.top_p is None else self.top_p
+
+
+# Below this temperature sampling is greedy: the distribution is one-hot in float32 anyway, and
+# logits / 1e-300 overflow to inf (softmax NaN: every such request would fail).
+GREEDY_BELOW = 1e-5
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A private generator per seeded request, so its samples do not depend on its neighbours."""
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def sample_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """Draw the next token of a plain row from its logits (V,). A temperature below
+    GREEDY_BELOW (0 included) is greedy."""
+    if params.temperature < GREEDY_BELOW:
+        return int(torch.argmax(logits))
+    scores = logits.float() / params.temperature
+    if params.top_k is not None and params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cum <= 1.0 - params.top_p
+        remove[-1] = False
+        scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    probs = scores.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,53 @@
+"""Per-row decoding state of one running request (`Sequence`)."""
+
+from __future__ import annotations
+
+import torch
+
+from mara_serve.engine.request import Request, TokenTrace
+from mara_serve.engine.sampling import make_generator
+
+
+class Sequence:
+    """A request admitted into the running batch.
+
+    Invariants: the KV cache slot `slot` holds exactly `length` positions (prompt + committed
+    tokens); `next_logits` (V,) are the logits of position `length`.
+    """
+
+    def __init__(self, request: Request, slot: int, eos_token_ids: tuple[int, ...], device):
+        self.request = request
+        self.params = request.params
+        self.agent = request.agent
+        self.slot = slot
+        self.length = 0
+        self.output_ids: list[int] = []
+        self.next_logits: torch.Tensor | None = None
+        self.generator = make_generator(request.params.seed, device)
+        stop = set(request.params.stop_token_ids)
+        if not request.params.ignore_eos:
+            stop.update(eos_token_ids)
+        self.stop_ids = frozenset(stop)
+        self.finish_reason: str | None = None
+        self.first_scheduled_time: float | None = None
+        self.reported_queue_time = False
+        # EMAs of "the agent accepted the top-1" and "rejected everything" (cost hints, step.py)
+        self.rank0_rate = 0.5
+        self.fallback_rate = 0.0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    def append(self, token_id: int, trace: TokenTrace) -> None:
+        """Record an emitted token and decide whether the sequence is finished."""
+        self.output_ids.append(token_id)
+        self.length += 1
+        if token_id in self.stop_ids:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.params.max_new_tokens:
+            self.finish_reason = "length"

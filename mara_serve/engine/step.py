@@ -1,0 +1,201 @@
+"""The MARA decode step: one token for every running row (docs/algorithm.md §7).
+
+1. candidates per row from its next-position logits (MARA rows: docs/algorithm.md §1; plain rows:
+   the one sampled token);
+2. ONE forward of all rows' candidates (`ModelRunner.forward_tokens`, tree attention);
+3. one agent call per distinct agent on all its rows' candidate states;
+4. per row the first accepted candidate (all rejected → rank 0, the top-1; an agent with
+   `fallback_last = True` — training episodes — gets the last candidate instead);
+5. commit only the chosen tokens' K/V and run the LM head on the chosen states only.
+
+Chunked mode (`chunk_size=m`) evaluates the first m candidates, then the next m only for rows
+whose candidates were all rejected, and so on — for hardware where extra tokens are not free.
+Either way the emitted tokens are those of the serial reference (`reference.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mara_serve.engine.candidates import select_candidates_batch
+from mara_serve.engine.request import TokenTrace
+from mara_serve.engine.runner import ModelRunner
+from mara_serve.engine.sampling import sample_token
+from mara_serve.engine.sequence import Sequence
+
+
+@dataclass
+class _Row:
+    """One row's progress through the candidate rounds of a step."""
+
+    cands: list[int]
+    probs: list[float]
+    judged: list[int] = field(default_factory=list)
+    judged_probs: list[float] = field(default_factory=list)
+    offset: int = 0  # next candidate rank to evaluate
+    chosen: int | None = None  # chosen rank once decided
+    fallback: bool = False
+
+    @property
+    def needs_agent(self) -> bool:
+        return len(self.cands) > 1
+
+
+def _candidate_rows(seqs: list[Sequence]) -> list[_Row]:
+    logits = torch.stack([s.next_logits for s in seqs])  # (B, V)
+    rows: list[_Row | None] = [None] * len(seqs)
+    mara = [i for i, s in enumerate(seqs) if s.agent is not None]
+    if mara:
+        cands = select_candidates_batch(
+            logits[mara], [seqs[i].params.mara_top_k() for i in mara],
+            [seqs[i].params.mara_top_p() for i in mara],
+        )  # fmt: skip
+        for i, c in zip(mara, cands, strict=True):
+            rows[i] = _Row(c.token_ids.tolist(), c.probs.tolist())
+    for i, s in enumerate(seqs):
+        if s.agent is None:
+            rows[i] = _Row([sample_token(logits[i], s.params, s.generator)], [1.0])
+    return rows  # type: ignore[return-value]
+
+
+PROBE_THRESHOLD = 0.75  # probe rank 0 alone when a row's agent accepted it this often lately
+
+
+def _round_size(row: _Row, seq: Sequence, chunk_size: int | None, probe: bool) -> int:
+    """How many of a row's remaining candidates this round evaluates.
+
+    Any split gives the same tokens (each candidate sees prefix + itself only); this is purely
+    a cost choice. On CPUs a forward of 2+ tokens costs ~1.5x one token (gemm vs gemv), so a
+    row whose agent has mostly accepted the top-1 lately (a trained agent on benign text)
+    first tries rank 0 alone; a row whose agent keeps rejecting everything (it will judge the
+    whole list anyway) gets all its candidates in one forward instead of chunk after chunk.
+    """
+    if probe and row.offset == 0 and row.needs_agent and seq.rank0_rate >= PROBE_THRESHOLD:
+        return 1
+    if chunk_size is None or seq.fallback_rate >= PROBE_THRESHOLD:
+        return len(row.cands)
+    return chunk_size
+
+
+def decode_step(
+    runner: ModelRunner,
+    seqs: list[Sequence],
+    chunk_size: int | None = None,
+    probe_top1: bool = True,
+) -> list[TokenTrace]:
+    """Advance every sequence by one token; returns the trace of each emitted token.
+
+    chunk_size: candidates per round (None: all remaining at once). probe_top1: rows whose
+    agent recently accepted rank 0 at least PROBE_THRESHOLD of the time try it alone first.
+    """
+    rows = _candidate_rows(seqs)
+    device = runner.device
+    chosen_hidden: list[torch.Tensor | None] = [None] * len(seqs)
+    rank0_hidden: dict[int, torch.Tensor] = {}  # first-round states of rank 0 (fallback)
+    pending = list(range(len(seqs)))
+    while pending:
+        # Pack this round's tokens row-major: row r gets ranks [offset, offset + m).
+        tok, row_of, col_of, rank_of, spans = [], [], [], [], {}
+        for r_i, i in enumerate(pending):
+            row = rows[i]
+            m = _round_size(row, seqs[i], chunk_size, probe_top1)
+            chunk = row.cands[row.offset : row.offset + m]
+            spans[i] = (len(tok), len(chunk))
+            tok += chunk
+            row_of += [r_i] * len(chunk)
+            col_of += range(len(chunk))
+            rank_of += range(row.offset, row.offset + len(chunk))
+        slots = [seqs[i].slot for i in pending]
+        dense = slots == list(range(len(slots)))
+        hidden = runner.forward_tokens(
+            len(slots) if dense else torch.tensor(slots, device=device),
+            torch.tensor([seqs[i].length for i in pending], device=device),
+            torch.tensor(tok, device=device),
+            torch.tensor(row_of, device=device),
+            torch.tensor(col_of, device=device),
+            max(n for _, n in spans.values()),
+            torch.tensor(rank_of, device=device),
+        )  # (N, H)
+        accept = _judge(seqs, rows, pending, spans, hidden)
+        still = []
+        for i in pending:
+            row, (start, n) = rows[i], spans[i]
+            if row.offset == 0:
+                rank0_hidden[i] = hidden[start]
+            if not row.needs_agent:
+                row.chosen = 0
+            else:
+                probs = accept[i]
+                first = next((j for j, p in enumerate(probs) if p > 0.5), None)
+                take = n if first is None else first + 1
+                row.judged += row.cands[row.offset : row.offset + take]
+                row.judged_probs += probs[:take]
+                if first is not None:
+                    row.chosen = row.offset + first
+                elif row.offset + n < len(row.cands):
+                    row.offset += n  # all of this chunk rejected: judge the next one
+                    still.append(i)
+                    continue
+                else:  # all rejected: emit the top-1 (default_action_idx = 0,
+                    # docs/algorithm.md §3), or the last candidate for a training agent with
+                    # `fallback_last` (the authors' training-time rule; the last rank is in
+                    # this final round)
+                    last = getattr(seqs[i].agent, "fallback_last", False)
+                    row.chosen, row.fallback = (len(row.cands) - 1 if last else 0), True
+            chosen_hidden[i] = (
+                rank0_hidden[i]
+                if row.fallback and row.chosen == 0
+                else hidden[start + row.chosen - row.offset]
+            )
+        pending = still
+    # Keep only the chosen candidates' K/V; the LM head runs on the chosen states only.
+    runner.commit(
+        torch.tensor([s.slot for s in seqs], device=device),
+        torch.tensor([s.length for s in seqs], device=device),
+        torch.tensor([row.chosen for row in rows], device=device),
+    )
+    logits = runner.logits(torch.stack(chosen_hidden))  # (B, V)
+    traces = []
+    for i, (s, row) in enumerate(zip(seqs, rows, strict=True)):
+        s.next_logits = logits[i]
+        if row.needs_agent:
+            s.rank0_rate = 0.8 * s.rank0_rate + 0.2 * (row.chosen == 0 and not row.fallback)
+            s.fallback_rate = 0.8 * s.fallback_rate + 0.2 * row.fallback
+        traces.append(TokenTrace(
+            token_id=row.cands[row.chosen], num_candidates=len(row.cands),
+            accepted_rank=row.chosen,
+            accept_prob=None if not row.judged or row.fallback else row.judged_probs[-1],
+            fallback=row.fallback, candidates=tuple(row.judged),
+            accept_probs=tuple(row.judged_probs), llm_probs=tuple(row.probs[: len(row.judged)]),
+        ))  # fmt: skip
+    return traces
+
+
+def _judge(seqs, rows, pending, spans, hidden) -> dict[int, list[float]]:
+    """One agent call per distinct agent over all its rows' candidate states."""
+    by_agent: dict[int, list[int]] = {}
+    for i in pending:
+        if rows[i].needs_agent:
+            by_agent.setdefault(id(seqs[i].agent), []).append(i)
+    accept: dict[int, list[float]] = {}
+    for members in by_agent.values():
+        agent = seqs[members[0]].agent
+        index = torch.cat([
+            torch.arange(spans[i][0], spans[i][0] + spans[i][1]) for i in members
+        ]).to(hidden.device)  # fmt: skip
+        states = hidden.index_select(0, index)
+        if getattr(agent, "sees_candidates", False):
+            # A training agent that steers by token (training/episodes.py) also gets, per member
+            # row, its full candidate list and the rank of the row's first state in this call.
+            views = [(rows[i].cands, rows[i].offset) for i in members]
+            probs = agent.accept_probs(states, candidates=views).tolist()
+        else:
+            probs = agent.accept_probs(states).tolist()  # (n,) float32
+        pos = 0
+        for i in members:
+            n = spans[i][1]
+            accept[i] = probs[pos : pos + n]
+            pos += n
+    return accept

@@ -1,0 +1,155 @@
+"""/v1/chat/completions wire types (OpenAI names verbatim)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
+
+from mara_serve.server.errors import APIError
+from mara_serve.server.protocol.common import (
+    MaraTokenTrace,
+    RequestModel,
+    SamplingRequest,
+    UsageInfo,
+    optional_field,
+    trace_field,
+)
+
+FinishReason = Literal["stop", "length"]
+
+
+class ChatCompletionContentPartText(RequestModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatCompletionMessageParam(RequestModel):
+    """One message. `developer` is treated as `system`; only text content is supported."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ChatCompletionContentPartText] | None = Field(None, validate_default=True)
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError(f"required for a {info.data['role']} message")
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"only text content parts are supported (got {kind!r})")
+        return value
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def to_template(self) -> dict[str, str]:
+        """The dict a chat template renders."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatCompletionMessageParam] = Field(
+        min_length=1, description="the conversation (capped by the server's max_messages)"
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="deprecated alias of max_completion_tokens"
+    )
+    max_completion_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="tokens to generate; unset = the rest of the context "
+        "(or the server's max_tokens_default)",
+    )
+    logprobs: bool | None = Field(None, description="not supported")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="not supported")
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported (must be empty)")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none'/'auto'")
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
+
+    def requested_max_tokens(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else (self.max_tokens)
+        )
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs or self.top_logprobs:
+            raise APIError(
+                "logprobs are not supported by this server",
+                param="logprobs",
+                code="unsupported_parameter",
+            )
+        if self.tools:
+            raise APIError(
+                "tools are not supported by this server (no tool calling)",
+                param="tools",
+                code="unsupported_parameter",
+            )
+        if self.tool_choice not in (None, "none", "auto"):
+            raise APIError(
+                "tool_choice is not supported by this server",
+                param="tool_choice",
+                code="unsupported_parameter",
+            )
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(
+                "only response_format {'type': 'text'} is supported",
+                param="response_format",
+                code="unsupported_parameter",
+            )
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionResponseChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+    mara_trace: list[MaraTokenTrace] | None = trace_field()
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = optional_field()
+    content: str | None = optional_field()
+
+
+class ChatCompletionResponseStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+    mara_trace: list[MaraTokenTrace] | None = trace_field()
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionResponseStreamChoice]
+    usage: UsageInfo | None = optional_field()

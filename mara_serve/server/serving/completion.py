@@ -1,0 +1,115 @@
+"""/v1/completions: prompt(s) → engine → Completion / chunks (OpenAI's legacy endpoint).
+
+`prompt` may be a text, a list of texts, token ids, or a list of token id lists; choice `i` of
+prompt `p` has index `p * n + i`. `max_tokens` defaults to 16 as in OpenAI's API (null: the rest
+of the context). `echo` prepends the prompt text (the first chunk when streaming). Stream
+shape: text deltas, then per choice a chunk with `text: ""` and its `finish_reason`, an optional
+usage chunk, `data: [DONE]`; errors after the start go in-band as in chat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from starlette.responses import Response
+
+from mara_serve.engine.registry import AgentEntry
+from mara_serve.server.errors import APIError
+from mara_serve.server.protocol.common import UsageInfo
+from mara_serve.server.protocol.completion import (
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionResponseStreamChoice,
+    CompletionStreamResponse,
+)
+from mara_serve.server.serving.endpoint import EndpointServing, Results
+from mara_serve.server.serving.generation import ChoiceDelta, ChoiceState, Generation
+from mara_serve.server.serving.transport import sse_event
+
+StreamChoice = CompletionResponseStreamChoice
+
+
+class CompletionServing(EndpointServing):
+    async def create(self, body: CompletionRequest, raw: Request) -> Response:
+        gen, echoes = await self._start(body)
+        return await self.respond(
+            raw, gen, body.stream,
+            lambda results, created: self._full(gen, body, echoes, results, created),
+            lambda created: self._stream(gen, body, echoes, created),
+        )  # fmt: skip
+
+    async def _start(self, body: CompletionRequest) -> tuple[Generation, list[str]]:
+        """Check, tokenize and admit every choice; returns it with each choice's echo text."""
+        ctx = self.ctx
+        body.check_supported()
+        ctx.check_limits(body)
+        prompts = body.prompts()
+        if len(prompts) > ctx.settings.max_prompts:
+            raise APIError(
+                f"at most {ctx.settings.max_prompts} prompts are allowed", param="prompt"
+            )
+        echoes: list[str] = []
+
+        async def build(request_id: str, agent: AgentEntry | None) -> list[ChoiceState]:
+            choices: list[ChoiceState] = []
+            for p_i, prompt in enumerate(prompts):
+                if isinstance(prompt, str):
+                    ids = await ctx.tokenize_text(prompt)
+                else:
+                    ctx.check_token_ids(prompt, "prompt")
+                    ids = prompt
+                max_new = ctx.max_new_tokens(len(ids), body.max_tokens, "max_tokens", "prompt")
+                echo = "" if not body.echo else prompt if isinstance(prompt, str) else (
+                    ctx.decode(ids)
+                )  # fmt: skip
+                for j in range(body.n):
+                    index = p_i * body.n + j
+                    params = body.to_sampling_params(max_new, index)
+                    choices.append(ctx.choice(index, request_id, ids, params, agent,
+                                              body.stop_strings()))  # fmt: skip
+                    echoes.append(echo)
+            return choices
+
+        return await self.admit(body, "cmpl", build), echoes
+
+    def _full(
+        self,
+        gen: Generation,
+        body: CompletionRequest,
+        echoes: list[str],
+        results: Results,
+        created: int,
+    ) -> CompletionResponse:
+        choices = [
+            CompletionResponseChoice(
+                index=i, text=echoes[i] + text, finish_reason=finish,
+                mara_trace=self.render_traces(body, traces),
+            )
+            for i, (text, traces, finish) in enumerate(results)
+        ]  # fmt: skip
+        return CompletionResponse(
+            id=gen.request_id, created=created, model=body.model, choices=choices,
+            usage=UsageInfo(**gen.usage()),
+        )  # fmt: skip
+
+    def _stream(
+        self, gen: Generation, body: CompletionRequest, echoes: list[str], created: int
+    ) -> AsyncIterator[bytes]:
+        def chunk(choices: list[StreamChoice], usage: UsageInfo | None) -> bytes:
+            return sse_event(CompletionStreamResponse(
+                id=gen.request_id, created=created, model=body.model, choices=choices,
+                usage=usage,
+            ).model_dump_json())  # fmt: skip
+
+        def delta_choices(d: ChoiceDelta, traces: object) -> list[StreamChoice]:
+            out = []
+            if d.text or traces:
+                out.append(StreamChoice(index=d.index, text=d.text, mara_trace=traces))
+            if d.finish_reason is not None:
+                out.append(StreamChoice(index=d.index, text="", finish_reason=d.finish_reason))
+            return out
+
+        opening = [StreamChoice(index=i, text=echo) for i, echo in enumerate(echoes) if echo]
+        return self.stream_events(gen, body, chunk, opening, delta_choices)
