@@ -62,8 +62,8 @@ class RequestStream:
         return not self._unfinished or self._closed
 
     def _put(self, outputs: list[RequestOutput]) -> None:
-        if self._closed:
-            return
+        if self._closed or self._error is not None:
+            return  # nobody reads on, or the stream already ended with its error
         for out in outputs:
             if out.request_id not in self._unfinished:
                 continue  # aborted by the consumer: nobody reads it any more

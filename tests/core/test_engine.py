@@ -4,12 +4,14 @@ import asyncio
 
 import pytest
 import torch
+from tiny_models import last_hidden
 
 from mara_serve.engine.async_engine import AsyncEngine
 from mara_serve.engine.engine import EngineConfig, LLMEngine
 from mara_serve.engine.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
 from mara_serve.engine.reference import reference_generate
 from mara_serve.engine.request import Request
+from mara_serve.engine.runner import ModelRunner
 from mara_serve.engine.sampling import SamplingParams
 
 
@@ -168,3 +170,46 @@ def test_async_engine_streams_and_cancel_aborts(tiny_lm, agents):
 
     with torch.inference_mode():
         asyncio.run(main())
+
+
+def test_add_requests_admits_all_or_none_and_one_stream_collects_them(tiny_lm, agents):
+    async def main():
+        engine = AsyncEngine(LLMEngine(tiny_lm, EngineConfig(max_running=2, max_waiting=3)))
+        engine.start()
+        params = SamplingParams(max_new_tokens=6, temperature=0.0)
+        reqs = [Request(f"r{i}", [0, 5 + i], params, agents["half"]) for i in range(4)]
+        with pytest.raises(QueueFullError):  # 4 > 3 waiting places: refused at once, whole
+            engine.add_requests(reqs)
+        assert engine.engine.num_waiting == 0 and engine.engine.num_running == 0
+        bad = Request("bad", [0, 10**6], params)
+        with pytest.raises(InvalidRequestError):  # one invalid request refuses them all
+            engine.add_requests([reqs[0], bad])
+        assert engine.engine.num_waiting == 0
+        stream = engine.add_requests(reqs[:3])  # admitted synchronously: no await needed
+        got: dict[str, list[int]] = {r.request_id: [] for r in reqs[:3]}
+        async for out in stream:  # one collector for all three
+            got[out.request_id] += out.new_token_ids
+        assert stream.finished
+        for r in reqs[:3]:
+            want, _ = reference_generate(tiny_lm.model, r.prompt_token_ids, r.agent, params, (1,))
+            assert got[r.request_id] == want
+        engine.shutdown(timeout=1)
+
+    with torch.inference_mode():
+        asyncio.run(main())
+
+
+def test_runners_share_the_weights_laid_out_once_at_load_time(tiny_lm):
+    """A second engine on the same loaded model fuses nothing again: both runners read the
+    same tensors, and the HF modules (the reference decoder) read the same storage."""
+    first, second = ModelRunner(tiny_lm, 2), ModelRunner(tiny_lm, 2)
+    params = {name: p.data_ptr() for name, p in tiny_lm.model.named_parameters()}
+    third = ModelRunner(tiny_lm, 2)
+    assert {n: p.data_ptr() for n, p in tiny_lm.model.named_parameters()} == params
+    for a, b, c in zip(first.layers, second.layers, third.layers, strict=True):
+        assert a.qkv_w is b.qkv_w is c.qkv_w and a.gate_up_w is b.gate_up_w is c.gate_up_w
+    attn = tiny_lm.model.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == first.layers[0].qkv_w.data_ptr()
+    ids = [0, 5, 9, 3]
+    hidden = first.prefill(0, ids)
+    torch.testing.assert_close(hidden, last_hidden(tiny_lm, ids), atol=1e-5, rtol=1e-5)
