@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # Train, evaluate and install the shipped default agent `smollm2-safety` for the embedded
-# SmolLM2-135M-Instruct — the exact recipe behind mara_core/agents/smollm2-safety/.
+# SmolLM2-135M-Instruct — the exact recipe behind mara_serve/agents/smollm2-safety/.
 #
 #   scripts/train_default_agent.sh            # train (~35 min on 2 CPU cores), eval (~20 min), install
 #   STEP=eval scripts/train_default_agent.sh  # re-run only the evaluation of a finished run
 #
-# Training prompts (development data, not shipped): harmful = PKU-SafeRLHF train + the
-# HH-RLHF harmless-base half, benign = the HH-RLHF helpful-base half; HH's `source` field labels
-# its records, and the keyword harm filter drops harmful-labelled prompts that name no harmful
-# intent (mara_core/training/data.py). Reward: the built-in refusal reward.
+# Prompt sets: data/prompts/ in the repository (sources, licences and a content warning in
+# data/prompts/README.md); set DATA to read them from elsewhere.
+# Training prompts: harmful = PKU-SafeRLHF train + the HH-RLHF harmless-base half, benign = the
+# HH-RLHF helpful-base half; HH's `source` field labels its records, and the keyword harm filter drops harmful-labelled prompts that name no harmful
+# intent (mara_serve/training/data.py). Reward: the built-in refusal reward.
 # Held-out evaluation: harmful = BeaverTails + HarmfulQA test, benign = UltraFeedback test +
-# the HH-RLHF helpful-base test half; 100 prompts per file.
+# the HH-RLHF helpful-base test half; 100 prompts per file. The sample is seeded by the path as
+# written: the shipped card's numbers were measured with DATA=../shared/data (the same files).
 #
 # On a GPU add `--device cuda` to both commands and raise --episodes (and --max-new-tokens)
 # freely: episodes are batched, so a GPU runs the paper-scale defaults of `mara train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DATA=${DATA:-../shared/data}
+DATA=${DATA:-data/prompts}
 RUN=${RUN:-artifacts/smollm2-safety}  # artifacts/ is git-ignored
 MARA=${MARA:-.venv/bin/mara}
-AGENT_DIR=mara_core/agents/smollm2-safety
+AGENT_DIR=mara_serve/agents/smollm2-safety
 STEP=${STEP:-all}
 
 if [[ $STEP == all || $STEP == train ]]; then

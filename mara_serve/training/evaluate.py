@@ -23,6 +23,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,12 +71,19 @@ class Sample:
         return is_refusal(self.text)
 
 
+def sample_key(spec: str, seed: int) -> str:
+    """The seed of a file's prompt sample: the seed and the file's folder and name, not where
+    the file lives, so the same file draws the same prompts from any checkout or directory."""
+    path = Path(spec)
+    return f"{seed}:{path.parent.name}/{path.name}"
+
+
 def select_prompts(files: tuple[str, ...], split: str, n: int | None, seed: int) -> list[Prompt]:
     out = []
     for spec in files:
         prompts = [p for p in load_prompts(spec, label=split) if p.label == split]
         if n is not None and len(prompts) > n:
-            prompts = random.Random(f"{seed}:{spec}").sample(prompts, n)
+            prompts = random.Random(sample_key(spec, seed)).sample(prompts, n)
         out += prompts
     return out
 

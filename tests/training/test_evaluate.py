@@ -70,3 +70,19 @@ def test_report_shape_and_numbers(tiny_lm, prompt_files, tmp_path):
     assert "| refusal rate |" in table and "perplexity_ratio" in table
     png = plot_eval(report, tmp_path / "eval.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_files_prompt_sample_does_not_depend_on_where_the_file_lives(tmp_path):
+    """The same file under two paths (a checkout elsewhere, a relative vs absolute path) draws
+    the same prompts, so the recorded evaluation reproduces from any directory."""
+    from mara_serve.training.evaluate import select_prompts
+
+    records = json.dumps([{"instruction": f"question number {i}?"} for i in range(50)])
+    paths = [tmp_path / "a" / "Set" / "test.json", tmp_path / "b" / "c" / "Set" / "test.json"]
+    for path in paths:
+        path.parent.mkdir(parents=True)
+        path.write_text(records)
+    samples = [[p.text for p in select_prompts((str(path),), "harmful", 10, 0)] for path in paths]
+    assert samples[0] == samples[1] and len(samples[0]) == 10
+    other_seed = [p.text for p in select_prompts((str(paths[0]),), "harmful", 10, 1)]
+    assert other_seed != samples[0]
