@@ -96,7 +96,8 @@ def long_context_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(ModelConfig(model=str(tiny_model_dir), device="cpu"))
+    # float32: the HTTP tiers compare answers token for token (batched vs alone, vs reference)
+    return load_model(ModelConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,15 @@ from mara_serve.engine.loading import LoadedModel
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0, init: float = 0.5, max_pos: int = 256) -> LoadedModel:
-    """A 2-layer Llama with GQA and a peaked random output (varied candidate counts)."""
+def tiny_llama(
+    seed: int = 0,
+    init: float = 0.5,
+    max_pos: int = 256,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> LoadedModel:
+    """A 2-layer Llama with GQA and a peaked random output (varied candidate counts), in
+    `dtype` on `device` (moved before the LoadedModel lays out the runner's weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -21,9 +28,10 @@ def tiny_llama(seed: int = 0, init: float = 0.5, max_pos: int = 256) -> LoadedMo
         initializer_range=init, tie_word_embeddings=False, eos_token_id=1, bos_token_id=0,
     )  # fmt: skip
     model = LlamaForCausalLM(cfg).float().eval().requires_grad_(False)
+    model.to(device=device, dtype=dtype)
     return LoadedModel(
-        model=model, tokenizer=None, name="tiny-llama", device=torch.device("cpu"),
-        dtype=torch.float32, hidden_size=64, vocab_size=VOCAB, max_model_len=max_pos,
+        model=model, tokenizer=None, name="tiny-llama", device=torch.device(device),
+        dtype=dtype, hidden_size=64, vocab_size=VOCAB, max_model_len=max_pos,
         eos_token_ids=(1,),
     )  # fmt: skip
 

@@ -64,11 +64,28 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX-BF16). There,
+    bf16 weights halve the bytes a decode step reads and matmuls run at 2-3x the float32 speed;
+    without them torch emulates bf16 and float32 is faster."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no cheap, reliable check; float32 is the safe choice
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return bool({"avx512_bf16", "amx_bf16"} & set(line.partition(":")[2].split()))
+    return False
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that supports it (else float16); on a CPU bfloat16 when it has
+    native bf16 matmuls (`cpu_has_fast_bf16`), else float32."""
     if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32  # CPU matmuls in half precision are slow and less exact
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     if dtype not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]

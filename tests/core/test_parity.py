@@ -106,9 +106,7 @@ def test_per_request_top_k_top_p_are_honoured(tiny_lm, agents):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_engine_matches_reference_in_float32(agents):
-    lm = tiny_llama()
-    lm.model.to("cuda")
-    lm.device = torch.device("cuda")
+    lm = tiny_llama(device="cuda")
     agent = agents["half"]
     agent.to("cuda")
     try:

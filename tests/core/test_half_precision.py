@@ -1,0 +1,50 @@
+"""Parity in bfloat16 and float16 under the documented policy (tests/parity_policy.py,
+docs/algorithm.md §8): the engine's tokens equal the serial reference's in the same dtype, or
+leave them only at a near-tie of the reference's decision; divergences are counted."""
+
+import pytest
+import torch
+from parity_policy import check_against_reference
+from tiny_models import make_agent, tiny_llama
+
+from mara_serve.engine.engine import EngineConfig, LLMEngine
+from mara_serve.engine.loading import cpu_has_fast_bf16, resolve_dtype
+from mara_serve.engine.reference import reference_generate
+from mara_serve.engine.request import Request
+from mara_serve.engine.sampling import SamplingParams
+
+PROMPTS = [[0, 5, 6, 7], [0, 9], [0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [0, 40, 41],
+           [0, 17] * 9, [0, 99, 98, 97, 96], [0, 64], [0, 2, 3, 4, 5, 6, 100]]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_size", [256, 4])
+def test_half_precision_engine_follows_the_reference_up_to_near_ties(dtype, chunk_size):
+    lm = tiny_llama(dtype=dtype)
+    fp32 = tiny_llama()
+    agents = [None, make_agent("half", lm=fp32), make_agent("reject", lm=fp32)]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    engine = LLMEngine(lm, EngineConfig(max_running=8, chunk_size=chunk_size))
+    reqs = [Request(str(i), p, params, agents[i % 3]) for i, p in enumerate(PROMPTS)]
+    results = engine.generate(reqs)
+    diverged = 0
+    for r in reqs:
+        want, _ = reference_generate(lm.model, r.prompt_token_ids, r.agent, params, (1,))
+        got = results[r.request_id][0]
+        margins = check_against_reference(lm.model, dtype, r.prompt_token_ids, r.agent, params,
+                                          got, want)  # fmt: skip
+        if margins is not None:
+            print(f"request {r.request_id} left the reference at a near-tie: {margins}")
+            diverged += 1
+    print(f"{dtype} chunk {chunk_size}: {diverged}/{len(reqs)} requests left the reference")
+    assert diverged <= len(reqs) // 4  # a broken engine leaves it at once, nearly everywhere
+
+
+def test_auto_dtype_is_bf16_only_on_a_cpu_with_native_bf16():
+    with_bf16 = "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n"
+    without = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n"
+    assert cpu_has_fast_bf16(with_bf16) and not cpu_has_fast_bf16(without)
+    assert not cpu_has_fast_bf16("Features\t: fp asimd\n")  # no x86 flags line
+    want = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == want
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
