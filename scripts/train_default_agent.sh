@@ -38,7 +38,7 @@ if [[ $STEP == all || $STEP == train ]]; then
     --reward-baseline prompt --init-accept-prob 0.8 --alpha 0.1 --lr-alpha 3e-3 --kl-coef 0.2 \
     --target-entropy-ratio 0.3 \
     --warmup 1024 --batch-size 256 --updates-per-episode 2 \
-    --checkpoint-every 5 --seed 0 --threads 1 "${RESUME[@]}"
+    --checkpoint-every 5 --seed 0 --threads 1 --dtype float32 "${RESUME[@]}"
 fi
 
 if [[ $STEP == all || $STEP == eval ]]; then

@@ -22,7 +22,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "(default: the embedded SmolLM2-135M-Instruct)",
     )
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on a CPU with native bf16, "
+        "else float32; bfloat16/float16 on GPU)",
+    )
     add_cache_dir_arg(p)
 
 

@@ -78,7 +78,9 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="cpu | cuda | cuda:N | auto")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights dtype (auto: float32 on CPU, bf16/fp16 on GPU)"
+        "auto",
+        description="weights dtype (auto: bfloat16 on a CPU with native bf16 (AVX512-BF16, "
+        "AMX) else float32; bfloat16/float16 on GPU)",
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,
