@@ -103,11 +103,21 @@ async def one_request(
 
 
 async def run_level(
-    base_url: str, mode: str, model: str, concurrency: int, requests: int, max_tokens: int
+    base_url: str,
+    mode: str,
+    model: str,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    keepalive: bool = True,
 ) -> LevelResult:
+    """`requests` streaming requests from `concurrency` clients. keepalive=False opens a new
+    connection per request (llama.cpp's server closes the connection after a stream)."""
+    limits = httpx.Limits(max_keepalive_connections=None if keepalive else 0)
     client = openai.AsyncOpenAI(
-        base_url=base_url + "/v1", api_key="bench", max_retries=0, timeout=600
-    )
+        base_url=base_url + "/v1", api_key="bench", max_retries=0, timeout=600,
+        http_client=httpx.AsyncClient(limits=limits, timeout=600),
+    )  # fmt: skip
     todo = list(range(requests))
     results: list[RequestStats] = []
 

@@ -3,8 +3,8 @@
 Builds one FastAPI app with its own state, metrics registry and lifespan (no module-level app or
 settings). Without an `engine` the lifespan loads the model from `settings` in the background;
 tests inject a small engine. The app owns the engine from then on and shuts it down on exit.
-For `uvicorn --factory server.app:app_from_env` there is `app_from_env()` (settings from the
-environment); `mara serve` (server/cli.py) adds graceful draining on SIGTERM.
+For `uvicorn --factory mara_serve.server.app:app_from_env` there is `app_from_env()` (settings
+from the environment); `mara serve` (server/process.py) adds graceful draining on SIGTERM.
 """
 
 from __future__ import annotations
@@ -51,5 +51,5 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
 
 
 def app_from_env() -> FastAPI:
-    """`uvicorn --factory server.app:app_from_env`: settings from MARA_* variables."""
+    """`uvicorn --factory mara_serve.server.app:app_from_env`: settings from MARA_* variables."""
     return create_app(Settings())

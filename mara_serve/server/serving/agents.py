@@ -3,7 +3,7 @@
 The admin API loads only from inside the agent directory. A requested path must be relative,
 contain no `..`, and resolve — symlinks followed — inside the directory; so must the files an
 agent directory or a `.safetensors` file brings along (weights, card). The loading itself is
-`mara_core`'s (`torch.load(weights_only=True)`, never unpickling code; hidden size checked at
+the engine's (`torch.load(weights_only=True)`, never unpickling code; hidden size checked at
 load time) and runs in a worker thread. Loads are serialised; the registry swap is atomic and
 requests keep the agent they pinned.
 """
