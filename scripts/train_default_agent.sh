@@ -45,7 +45,7 @@ if [[ $STEP == all || $STEP == eval ]]; then
   $MARA eval --agent "$RUN" \
     --harmful "$DATA/BeaverTails/test.json" "$DATA/HarmfulQA/test.json" \
     --benign "$DATA/Ultra-Feedback/test.json" "$DATA/HHrlhf/test.json" \
-    -n 100 --max-new-tokens 48 --batch-size 32 --threads 2 --seed 0 \
+    -n 100 --max-new-tokens 48 --batch-size 32 --threads 2 --seed 0 --dtype float32 \
     --out "$RUN/eval" --update-card
 fi
 
