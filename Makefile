@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv model serve test test-core lint bench bench-quick fuzz load soak clean
+.PHONY: venv model serve test test-core lint bench bench-quick bench-peers fuzz load soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench: model
 bench-quick: model
 	$(BIN)/python bench/decode.py --quick
 	$(BIN)/python bench/serve.py --quick
+
+bench-peers: model
+	$(BIN)/python bench/peers.py $(ARGS)
 
 fuzz: model
 	$(BIN)/python bench/fuzz.py $(ARGS)
