@@ -28,12 +28,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import free_port  # noqa: E402
-from serve import LevelResult, environment, run_level, start_server  # noqa: E402
+from serve import LevelResult, environment, run_level, start_server, wait_ready  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -82,18 +80,7 @@ def start_llama(bin_dir: Path, gguf: Path, port: int, slots: int) -> subprocess.
     cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "-t", threads, "-np", str(slots),
            "-c", str(2048 * slots), "--port", str(port), "--log-disable"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"llama-server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("llama-server did not become ready")
+    return wait_ready(proc, f"http://127.0.0.1:{port}/health", "llama-server", 120)
 
 
 async def measure(

@@ -182,19 +182,23 @@ def start_server(port: int, extra: list[str], max_concurrent: int) -> subprocess
         *extra,
     ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env)
-    deadline = time.monotonic() + 600
-    while True:
+    return wait_ready(proc, f"http://127.0.0.1:{port}/ready", "mara serve", 600)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, name: str, timeout: float) -> subprocess.Popen:
+    """Poll `url` until it answers 200; exits the benchmark if the server dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"mara serve exited with {proc.returncode}")
+            raise SystemExit(f"{name} exited with {proc.returncode}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("mara serve did not become ready")
         time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"{name} did not become ready")
 
 
 def environment(base_url: str) -> dict:
