@@ -184,7 +184,7 @@ def report(results: dict[str, dict[str, list[LevelResult]]], levels: list[int]) 
                 ratios[f"{precision} MARA / plain x{c}"] = round(
                     mara[c].tokens_per_s / plain[c].tokens_per_s, 3
                 )
-        if 1 in plain and max(levels) in plain:
+        if 1 in plain and max(levels) > 1 and max(levels) in plain:
             ratios[f"{precision} plain TTFT x{max(levels)} / x1"] = round(
                 plain[max(levels)].ttft_p50_ms / plain[1].ttft_p50_ms, 2
             )

@@ -269,6 +269,47 @@ async def bench(
     return results
 
 
+def engine_alone(
+    agent_path: Path | None, concurrency: int, requests: int, max_tokens: int, serve_args: list[str]
+) -> dict[str, float]:
+    """The same work without the server: `LLMEngine` in this process, configured exactly as
+    `mara serve` configures it (same settings → same EngineConfig), `requests` chat prompts
+    with at most `concurrency` running, prefill included. Returns tokens/s per mode."""
+    from mara_serve.cli.main import parse_args
+    from mara_serve.cli.serve import settings_from
+    from mara_serve.engine.agent import load_agent
+    from mara_serve.engine.engine import LLMEngine
+    from mara_serve.engine.loading import ModelConfig, load_model, render_chat
+    from mara_serve.engine.request import Request
+    from mara_serve.engine.sampling import SamplingParams
+    from mara_serve.server.lifecycle import engine_config
+
+    settings = settings_from(
+        parse_args(["serve", "--max-concurrent", str(concurrency), *serve_args])
+    )
+    lm = load_model(ModelConfig(model=settings.model, device=settings.device, dtype=settings.dtype,
+                                cache_dir=settings.cache_dir))  # fmt: skip
+    agent = None if agent_path is None else load_agent(agent_path, expected_hidden_size=lm.hidden_size)
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    out = {}
+    for mode, a in (("base", None), ("agent", agent)):
+        engine = LLMEngine(lm, engine_config(settings))
+        warm = [Request(f"w{i}", render_chat(lm.tokenizer, [{"role": "user", "content": "Hi"}]),
+                        SamplingParams(max_new_tokens=8), a) for i in range(2)]  # fmt: skip
+        engine.generate(warm)
+        reqs = [
+            Request(f"{mode}{i}", render_chat(lm.tokenizer, [
+                {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]), params, a)
+            for i in range(requests)
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        results = engine.generate(reqs)
+        wall = time.perf_counter() - t0
+        out[mode] = round(sum(len(ids) for ids, _, _ in results.values()) / wall, 2)
+        print(f"  engine alone {mode} x{concurrency}: {out[mode]:.1f} tok/s", file=sys.stderr)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32 tokens, 1 request per client")
@@ -282,6 +323,12 @@ def main() -> None:
         metavar="ARG",
         help="extra `mara serve` argument, repeatable (--serve-arg=--dtype=...)",
     )
+    parser.add_argument(
+        "--engine-baseline",
+        action="store_true",
+        help="first run the same work on the engine alone (in process) and report server / "
+        "engine at the highest concurrency",
+    )
     args = parser.parse_args()
     max_tokens = args.max_tokens or (32 if args.quick else 128)
     per_client = args.requests_per_client or (1 if args.quick else 2)
@@ -289,6 +336,15 @@ def main() -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         agent, flags, agent_desc = pick_agent(Path(tmp))
+        alone = {}
+        if args.engine_baseline:  # before the server starts: nothing else on the cores
+            agent_path = Path(flags[1].split("=", 1)[1]) if flags else None
+            if agent_path is None:
+                from mara_serve.engine.default_model import default_agents
+
+                agent_path = default_agents()[agent]
+            c = max(levels)
+            alone = engine_alone(agent_path, c, c * per_client, max_tokens, args.serve_arg)
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         proc = start_server(port, flags + args.serve_arg, max(levels))
@@ -301,7 +357,15 @@ def main() -> None:
             proc.wait(60)
     print_table(results, agent_desc)
     targets = scaling(results)
+    for mode, tps in alone.items():
+        served = next(r for r in results if r.mode == mode and r.concurrency == max(levels))
+        ratio = round(served.tokens_per_s / tps, 3)
+        targets.setdefault(mode, {})["server_over_engine"] = ratio
+        print(f"{mode}: server x{max(levels)} {served.tokens_per_s:.1f} tok/s / engine alone "
+              f"{tps:.1f} tok/s = {ratio} (target >= 0.9)")  # fmt: skip
     for mode, t in targets.items():
+        if "tokens_per_s_16_over_1" not in t:
+            continue
         print(
             f"{mode}: tokens/s at 16 = {t['tokens_per_s_16_over_1']}x one stream (target >= 5x);"
             f" TTFT p50 at 16 = {t['ttft_p50_16_over_1']}x alone (target <= 3x)"
