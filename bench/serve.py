@@ -279,17 +279,18 @@ def engine_alone(
     from mara_serve.cli.serve import settings_from
     from mara_serve.engine.agent import load_agent
     from mara_serve.engine.engine import LLMEngine
-    from mara_serve.engine.loading import ModelConfig, load_model, render_chat
+    from mara_serve.engine.loading import render_chat
     from mara_serve.engine.request import Request
     from mara_serve.engine.sampling import SamplingParams
-    from mara_serve.server.lifecycle import engine_config
+    from mara_serve.server.lifecycle import build_engine, engine_config
 
     settings = settings_from(
         parse_args(["serve", "--max-concurrent", str(concurrency), *serve_args])
     )
-    lm = load_model(ModelConfig(model=settings.model, device=settings.device, dtype=settings.dtype,
-                                cache_dir=settings.cache_dir))  # fmt: skip
-    agent = None if agent_path is None else load_agent(agent_path, expected_hidden_size=lm.hidden_size)
+    lm = build_engine(settings).engine.lm  # loaded (and packed) exactly as the server does
+    agent = (
+        None if agent_path is None else load_agent(agent_path, expected_hidden_size=lm.hidden_size)
+    )
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     out = {}
     for mode, a in (("base", None), ("agent", agent)):

@@ -35,6 +35,14 @@ from mara_serve.engine.weights import SUPPORTED_MODEL_TYPES, LayerWeights
 MAX_CANDIDATES = 256  # the largest top_k a MARA step may use (scratch positions per row)
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T (+ b): `w` is a dense (out, in) weight, or oneDNN-packed for the CPU
+    (`DecoderWeights.packed_for_cpu`)."""
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -199,7 +207,7 @@ class ModelRunner:
     def _qkv(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         n, Hq, Hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         h = F.rms_norm(x, x.shape[-1:], layer.ln1_w, layer.ln1_eps)
-        qkv = F.linear(h, layer.qkv_w, layer.qkv_b).view(n, Hq + 2 * Hkv, d)
+        qkv = _linear(h, layer.qkv_w, layer.qkv_b).view(n, Hq + 2 * Hkv, d)
         qk, v = qkv[:, : Hq + Hkv], qkv[:, Hq + Hkv :]
         if layer.q_norm is not None:
             qk = torch.cat((layer.q_norm(qk[:, :Hq]), layer.k_norm(qk[:, Hq:])), dim=1)
@@ -207,10 +215,10 @@ class ModelRunner:
         return qk[:, :Hq], qk[:, Hq:], v
 
     def _attn_out_and_mlp(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor):
-        x = x + F.linear(attn, layer.o_w, layer.o_b)
+        x = x + _linear(attn, layer.o_w, layer.o_b)
         h = F.rms_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_eps)
-        gate, up = F.linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
-        return x + F.linear(layer.act(gate) * up, layer.down_w, layer.down_b)
+        gate, up = _linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
+        return x + _linear(layer.act(gate) * up, layer.down_w, layer.down_b)
 
     def _tree_mask(self, R, kmax, S, lengths, row_of, col_of, store_pos) -> torch.Tensor:
         """Additive mask (R, 1, g*kmax, S): grid cell (r, c) sees t < length_r and its own

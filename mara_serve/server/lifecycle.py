@@ -61,6 +61,8 @@ def build_engine(settings: Settings) -> AsyncEngine:
             max_model_len=settings.max_model_len,
         )
     )
+    if settings.cpu_packed_weights and lm.pack_for_serving():
+        log.info("projections packed for the CPU (oneDNN)")
     return AsyncEngine(LLMEngine(lm, engine_config(settings)))
 
 

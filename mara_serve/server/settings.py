@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         description="prefill the prompts admitted in one engine step in one forward (lower "
         "time to first token under load)",
     )
+    cpu_packed_weights: bool = Field(
+        True,
+        description="on a CPU in float32, give the engine oneDNN-packed projections (measured "
+        "10-21 percent faster decoding on an AVX2 CPU; the process needs ~30 percent more "
+        "memory for the embedded model)",
+    )
     candidate_chunk_size: int | None = Field(
         None,
         ge=1,

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 import torch
-from tiny_models import last_hidden
+from tiny_models import last_hidden, tiny_llama
 
 from mara_serve.engine.async_engine import AsyncEngine
 from mara_serve.engine.engine import EngineConfig, LLMEngine
@@ -213,3 +213,22 @@ def test_runners_share_the_weights_laid_out_once_at_load_time(tiny_lm):
     ids = [0, 5, 9, 3]
     hidden = first.prefill(0, ids)
     torch.testing.assert_close(hidden, last_hidden(tiny_lm, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_weights_packed_for_the_cpu_give_the_reference_tokens(agents):
+    """`pack_for_serving` (oneDNN-packed projections, the server's CPU default): the engine
+    still emits the reference's tokens (the reference runs on an unpacked twin of the model)
+    and the HF modules' dense copies are released."""
+    packed, twin = tiny_llama(), tiny_llama()
+    assert packed.pack_for_serving()
+    assert packed.weights.layers[0].qkv_w.is_mkldnn and not packed.hf_forward_available
+    assert packed.model.model.layers[0].self_attn.q_proj.weight.numel() == 0
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    engine = LLMEngine(packed, EngineConfig(max_running=4))
+    reqs = [Request(str(i), [0, 5 + i, 9], params, agents[m])
+            for i, m in enumerate(("half", "reject", "accept"))]  # fmt: skip
+    reqs.append(Request("plain", [0, 3, 4], params))
+    results = engine.generate(reqs)
+    for r in reqs:
+        want, _ = reference_generate(twin.model, r.prompt_token_ids, r.agent, params, (1,))
+        assert results[r.request_id][0] == want, r.request_id
