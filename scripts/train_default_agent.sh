@@ -8,11 +8,12 @@
 # Prompt sets: data/prompts/ in the repository (sources, licences and a content warning in
 # data/prompts/README.md); set DATA to read them from elsewhere.
 # Training prompts: harmful = PKU-SafeRLHF train + the HH-RLHF harmless-base half, benign = the
-# HH-RLHF helpful-base half; HH's `source` field labels its records, and the keyword harm filter drops harmful-labelled prompts that name no harmful
-# intent (mara_serve/training/data.py). Reward: the built-in refusal reward.
+# HH-RLHF helpful-base half; HH's `source` field labels its records, and the keyword harm
+# filter drops harmful-labelled prompts that name no harmful intent
+# (mara_serve/training/data.py). Reward: the built-in refusal reward.
 # Held-out evaluation: harmful = BeaverTails + HarmfulQA test, benign = UltraFeedback test +
-# the HH-RLHF helpful-base test half; 100 prompts per file. The sample is seeded by the path as
-# written: the shipped card's numbers were measured with DATA=../shared/data (the same files).
+# the HH-RLHF helpful-base test half; 100 prompts per file, a sample seeded by each file's
+# folder and name (the same prompts wherever DATA points).
 #
 # On a GPU add `--device cuda` to both commands and raise --episodes (and --max-new-tokens)
 # freely: episodes are batched, so a GPU runs the paper-scale defaults of `mara train`.
