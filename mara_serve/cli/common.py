@@ -9,7 +9,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
-from mara_serve.engine.default_model import default_cache_dir
+from mara_serve.engine.default_model import default_agents, default_cache_dir
 from mara_serve.engine.loading import ModelConfig
 
 
@@ -49,6 +49,23 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         dtype=args.dtype,
         cache_dir=args.cache_dir or default_cache_dir(),
     )
+
+
+def add_agent_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--agent",
+        default=None,
+        help="agent file/dir (default: the shipped agent of the default model)",
+    )
+
+
+def agent_path(args: argparse.Namespace) -> str | Path | None:
+    """--agent, else the shipped agent when the model is the embedded default, else None."""
+    if args.agent is not None:
+        return args.agent
+    if args.model is None:
+        return next(iter(default_agents().values()), None)
+    return None
 
 
 def optional_int(text: str) -> int | None:

@@ -11,9 +11,16 @@ import argparse
 import json
 from pathlib import Path
 
-from mara_serve.cli.common import add_model_args, columns, model_config, optional_int, set_threads
+from mara_serve.cli.common import (
+    add_agent_arg,
+    add_model_args,
+    agent_path,
+    columns,
+    model_config,
+    optional_int,
+    set_threads,
+)
 from mara_serve.engine.agent import CARD_FILE, load_agent
-from mara_serve.engine.default_model import default_agents
 from mara_serve.engine.errors import AgentLoadError
 from mara_serve.engine.loading import load_model
 from mara_serve.training.evaluate import EvalConfig, Sample, run_eval
@@ -24,11 +31,7 @@ def add_parser(sub) -> None:  # sub: the `mara` parser's subparsers
     """`mara eval`: base vs aligned on held-out prompt files."""
     e = sub.add_parser("eval", help="evaluate an agent: base vs aligned on held-out prompts")
     add_model_args(e)
-    e.add_argument(
-        "--agent",
-        default=None,
-        help="agent file/dir (default: the shipped agent of the default model)",
-    )
+    add_agent_arg(e)
     e.add_argument("--harmful", nargs="+", default=[], metavar="FILE", help="harmful prompts")
     e.add_argument("--benign", nargs="+", default=[], metavar="FILE", help="benign prompts")
     e.add_argument(
@@ -102,9 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.harmful and not args.benign:
         raise SystemExit("error: give --harmful and/or --benign prompt files")
     lm = load_model(model_config(args))
-    path = args.agent
-    if path is None and args.model is None:
-        path = next(iter(default_agents().values()), None)
+    path = agent_path(args)
     if path is None:
         raise AgentLoadError(
             "no agent: pass --agent PATH (or use the default model, whose "

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from mara_serve.cli.common import add_model_args, columns, dumps, model_config, new_id
+from mara_serve.cli.common import (
+    add_agent_arg,
+    add_model_args,
+    agent_path,
+    columns,
+    dumps,
+    model_config,
+    new_id,
+)
 from mara_serve.engine.agent import Agent, load_agent
-from mara_serve.engine.default_model import default_agents
 from mara_serve.engine.engine import EngineConfig, LLMEngine
 from mara_serve.engine.loading import LoadedModel, load_model, render_chat
 from mara_serve.engine.reference import reference_generate
@@ -17,11 +24,7 @@ from mara_serve.engine.sampling import SamplingParams
 def add_parser(sub) -> None:  # sub: the `mara` parser's subparsers
     g = sub.add_parser("generate", help="generate one answer (base, aligned, or both)")
     add_model_args(g)
-    g.add_argument(
-        "--agent",
-        default=None,
-        help="agent file/dir (default: the shipped agent of the default model)",
-    )
+    add_agent_arg(g)
     g.add_argument("--no-agent", action="store_true", help="plain decoding, no agent")
     g.add_argument("--prompt", required=True, help="the user message")
     g.add_argument("--system", default=None, help="optional system message")
@@ -42,10 +45,7 @@ def add_parser(sub) -> None:  # sub: the `mara` parser's subparsers
 def _resolve_agent(args: argparse.Namespace, lm: LoadedModel) -> Agent | None:
     if args.no_agent:
         return None
-    path = args.agent
-    if path is None and args.model is None:
-        shipped = default_agents()
-        path = next(iter(shipped.values()), None)
+    path = agent_path(args)
     if path is None:
         return None
     return load_agent(path, expected_hidden_size=lm.hidden_size, device=lm.device)

@@ -31,7 +31,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from mara_serve.engine.engine import LLMEngine
-from mara_serve.engine.errors import EngineDeadError, EngineNotReadyError, RequestAbortedError
+from mara_serve.engine.errors import (
+    ENGINE_DEAD_MESSAGE,
+    EngineDeadError,
+    EngineNotReadyError,
+    RequestAbortedError,
+)
 from mara_serve.engine.request import Request, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -180,10 +185,7 @@ class AsyncEngine:
         """Queue `requests` all or none and return their stream; raises at once if they are
         refused (InvalidRequestError, QueueFullError, EngineNotReadyError, EngineDeadError)."""
         if self._dead is not None:
-            raise EngineDeadError(
-                "the inference engine failed and cannot serve requests; the server must be "
-                "restarted"
-            )
+            raise EngineDeadError(ENGINE_DEAD_MESSAGE)
         if not self.is_alive():
             raise EngineNotReadyError("the engine is not running")
         ids = [r.request_id for r in requests]
@@ -262,7 +264,7 @@ class AsyncEngine:
             return
         self._dead = f"{type(error).__name__}: {error}"
         log.critical("the engine is dead (%s): failing every request", self._dead)
-        self.engine.fail_all(self._dead)
+        self.engine.fail_all()
         self._fail_streams(lambda: EngineDeadError(
             "the inference engine failed while generating this response; the server must be "
             "restarted"

@@ -368,19 +368,14 @@ class LLMEngine:
         self.running.clear()
         return outs
 
-    def fail_all(self, error: str) -> list[RequestOutput]:
-        """The engine is dead: stop admission and end every request, running and waiting."""
-        outs = self.fail_running(error)
+    def fail_all(self) -> None:
+        """The engine is dead: stop admission and drop every request, running and waiting (the
+        caller ends their streams)."""
         with self._lock:
             self._accepting = False
-            waiting, self._waiting = list(self._waiting), deque()
+            self._waiting.clear()
             self._aborts.clear()
-        outs += [
-            RequestOutput(r.request_id, [], [], True, "error", error,
-                          num_prompt_tokens=len(r.prompt_token_ids))
-            for r in waiting
-        ]  # fmt: skip
-        return outs
+        self.running.clear()
 
     def _output(self, seq: Sequence, ids: list[int], traces: list[TokenTrace]) -> RequestOutput:
         out = RequestOutput(

@@ -37,6 +37,11 @@ class EngineNotReadyError(MaraError):
     """The engine is starting up or shutting down and admits no new requests."""
 
 
+ENGINE_DEAD_MESSAGE = (
+    "the inference engine failed and cannot serve requests; the server must be restarted"
+)
+
+
 class EngineDeadError(EngineNotReadyError):
     """The engine can no longer run the model (e.g. a device error on every forward): it admits
     nothing and ends every request with an error; the process must be restarted."""

@@ -14,15 +14,12 @@ from collections.abc import Callable
 from enum import StrEnum
 
 from mara_serve.engine.async_engine import AsyncEngine
+from mara_serve.engine.errors import ENGINE_DEAD_MESSAGE
 from mara_serve.server.errors import ServiceUnavailableError
 from mara_serve.server.metrics import ServerMetrics
 from mara_serve.server.services import Services
 from mara_serve.server.serving.inflight import InflightRequests
 from mara_serve.server.settings import Settings
-
-ENGINE_DEAD_MESSAGE = (
-    "the inference engine failed and cannot serve requests; the server must be restarted"
-)
 
 
 class Phase(StrEnum):

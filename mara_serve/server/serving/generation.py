@@ -90,6 +90,7 @@ class Generation:
         self,
         request_id: str,
         choices: list[ChoiceState],
+        stream: RequestStream,
         tracker: RequestTracker,
         inflight: InflightRequests,
         timeout_s: float | None = None,
@@ -99,12 +100,19 @@ class Generation:
         self.tracker = tracker
         self.inflight = inflight
         self.timeout_s = timeout_s
-        self.deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
         self.status = "aborted"  # until marked otherwise
-        self._stream: RequestStream | None = None
+        self._stream = stream
         self._index = {c.request.request_id: i for i, c in enumerate(choices)}
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        if timeout_s is not None:
+            # The deadline ends the stream like an engine error would: no task is cancelled,
+            # so no output can be lost between the engine and the client.
+            timeout = RequestTimeoutError(
+                f"the request took longer than the server's limit of {timeout_s:g} s "
+                "(queueing included) and was stopped; lower max_tokens or retry later"
+            )
+            self._timer = asyncio.get_running_loop().call_later(timeout_s, stream.fail, timeout)
 
     @classmethod
     def start(
@@ -117,24 +125,20 @@ class Generation:
         timeout_s: float | None = None,
     ) -> Generation:
         """Queue every choice, all or none; raises the admission error before any response."""
-        gen = cls(request_id, choices, tracker, inflight, timeout_s)
-        gen._stream = engine.add_requests([c.request for c in choices])
+        stream = engine.add_requests([c.request for c in choices])
+        gen = cls(request_id, choices, stream, tracker, inflight, timeout_s)
         inflight.add()
-        prompts = {id(c.request.prompt_token_ids): c.num_prompt_tokens for c in choices}
-        tracker.admitted(sum(prompts.values()))
-        if gen.deadline is not None:
-            # The deadline ends the stream like an engine error would: no task is cancelled,
-            # so no output can be lost between the engine and the client.
-            timeout = RequestTimeoutError(
-                f"the request took longer than the server's limit of {timeout_s:g} s "
-                "(queueing included) and was stopped; lower max_tokens or retry later"
-            )
-            gen._timer = asyncio.get_running_loop().call_at(gen.deadline, gen._stream.fail, timeout)
+        tracker.admitted(gen.num_prompt_tokens)
         return gen
 
-    def usage(self) -> dict[str, int]:
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens of the request: choices of one prompt share it (counted once)."""
         prompts = {id(c.request.prompt_token_ids): c.num_prompt_tokens for c in self.choices}
-        prompt = sum(prompts.values())
+        return sum(prompts.values())
+
+    def usage(self) -> dict[str, int]:
+        prompt = self.num_prompt_tokens
         completion = sum(c.num_generated_tokens for c in self.choices)
         return {
             "prompt_tokens": prompt,
@@ -146,7 +150,6 @@ class Generation:
         """Every choice's deltas, in the order the engine produced them, until all choices
         finished. Raises the first failure (an engine error, abort or the deadline)."""
         stream = self._stream
-        assert stream is not None, "deltas() of a generation that was not started"
         try:
             async for out in stream:
                 i = self._index[out.request_id]
@@ -194,7 +197,6 @@ class Generation:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._stream is not None:
-            self._stream.close()
+        self._stream.close()
         self.tracker.finish(self.status)
         self.inflight.done()
