@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import free_port  # noqa: E402
-from serve import LevelResult, environment, run_level, start_server, wait_ready  # noqa: E402
+from serve import LevelResult, bench, environment, start_server, wait_ready  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -83,20 +83,6 @@ def start_llama(bin_dir: Path, gguf: Path, port: int, slots: int) -> subprocess.
     return wait_ready(proc, f"http://127.0.0.1:{port}/health", "llama-server", 120)
 
 
-async def measure(
-    url: str, label: str, model: str, levels: list[int], per_client: int, max_tokens: int,
-    keepalive: bool,
-) -> list[LevelResult]:  # fmt: skip
-    await run_level(url, label, model, 2, 2, 8, keepalive)  # warm-up, not reported
-    out = []
-    for c in levels:
-        r = await run_level(url, label, model, c, c * per_client, max_tokens, keepalive)
-        print(f"  {label} x{c}: {r.tokens_per_s:.1f} tok/s, TTFT p50 {r.ttft_p50_ms:.0f} ms",
-              file=sys.stderr, flush=True)  # fmt: skip
-        out.append(r)
-    return out
-
-
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -130,8 +116,8 @@ def main() -> None:
         port = free_port()
         llama = start_llama(bin_dir, gguf, port, max(levels))
         try:
-            runs["llama.cpp"] = asyncio.run(measure(
-                f"http://127.0.0.1:{port}", f"llama.cpp {precision}", "smollm2", levels,
+            runs["llama.cpp"] = asyncio.run(bench(
+                f"http://127.0.0.1:{port}", {f"llama.cpp {precision}": "smollm2"}, levels,
                 args.requests_per_client, args.max_tokens, keepalive=False,
             ))  # fmt: skip
         finally:
@@ -145,9 +131,9 @@ def main() -> None:
             if not args.no_agent:
                 modes["ours MARA"] = DEFAULT_AGENT_NAME
             for label, model in modes.items():
-                runs[label] = asyncio.run(measure(
-                    url, f"{label} {precision}", model, levels, args.requests_per_client,
-                    args.max_tokens, keepalive=True,
+                runs[label] = asyncio.run(bench(
+                    url, {f"{label} {precision}": model}, levels, args.requests_per_client,
+                    args.max_tokens,
                 ))  # fmt: skip
         finally:
             stop(ours)

@@ -146,14 +146,14 @@ async def run_level(
     )
 
 
-def pick_agent(tmp: Path) -> tuple[str, list[str], str]:
-    """(agent model id, extra serve flags, description)."""
+def pick_agent(tmp: Path) -> tuple[str, Path, list[str], str]:
+    """(agent model id, its directory, extra serve flags, description)."""
     from mara_serve.engine.default_model import default_agents
 
     shipped = default_agents()
     if shipped:
-        name = next(iter(shipped))
-        return name, [], f"shipped default agent {name!r}"
+        name, path = next(iter(shipped.items()))
+        return name, path, [], f"shipped default agent {name!r}"
     from mara_serve.engine.agent import AgentCard, AgentNetwork, save_agent
 
     save_agent(
@@ -161,6 +161,7 @@ def pick_agent(tmp: Path) -> tuple[str, list[str], str]:
     )
     return (
         "random-agent",
+        tmp / "random-agent",
         ["--agent", f"random-agent={tmp / 'random-agent'}"],
         "RANDOM untrained agent (no default agent is shipped yet; speed only)",
     )
@@ -257,20 +258,27 @@ def scaling(results: list[LevelResult]) -> dict:
 
 
 async def bench(
-    base_url: str, modes: dict[str, str], levels: list[int], per_client: int, max_tokens: int
+    base_url: str,
+    modes: dict[str, str],
+    levels: list[int],
+    per_client: int,
+    max_tokens: int,
+    keepalive: bool = True,
 ) -> list[LevelResult]:
+    """Per mode (label → model id): a warm-up, then each concurrency level."""
     results = []
     for mode, model in modes.items():
-        await run_level(base_url, mode, model, 2, 2, 8)  # warm-up (not reported)
+        await run_level(base_url, mode, model, 2, 2, 8, keepalive)  # warm-up (not reported)
         for c in levels:
-            r = await run_level(base_url, mode, model, c, c * per_client, max_tokens)
-            print(f"  {mode} x{c}: {r.tokens_per_s:.1f} tok/s", file=sys.stderr, flush=True)
+            r = await run_level(base_url, mode, model, c, c * per_client, max_tokens, keepalive)
+            print(f"  {mode} x{c}: {r.tokens_per_s:.1f} tok/s, TTFT p50 {r.ttft_p50_ms:.0f} ms",
+                  file=sys.stderr, flush=True)  # fmt: skip
             results.append(r)
     return results
 
 
 def engine_alone(
-    agent_path: Path | None, concurrency: int, requests: int, max_tokens: int, serve_args: list[str]
+    agent_path: Path, concurrency: int, requests: int, max_tokens: int, serve_args: list[str]
 ) -> dict[str, float]:
     """The same work without the server: `LLMEngine` in this process, configured exactly as
     `mara serve` configures it (same settings → same EngineConfig), `requests` chat prompts
@@ -278,23 +286,22 @@ def engine_alone(
     from mara_serve.cli.main import parse_args
     from mara_serve.cli.serve import settings_from
     from mara_serve.engine.agent import load_agent
-    from mara_serve.engine.engine import LLMEngine
     from mara_serve.engine.loading import render_chat
     from mara_serve.engine.request import Request
     from mara_serve.engine.sampling import SamplingParams
-    from mara_serve.server.lifecycle import build_engine, engine_config
+    from mara_serve.server.lifecycle import build_engine
 
     settings = settings_from(
         parse_args(["serve", "--max-concurrent", str(concurrency), *serve_args])
     )
-    lm = build_engine(settings).engine.lm  # loaded (and packed) exactly as the server does
-    agent = (
-        None if agent_path is None else load_agent(agent_path, expected_hidden_size=lm.hidden_size)
-    )
+    # Loaded, packed and configured exactly as the server does; one engine for both modes,
+    # as in the server (its prefix cache stays warm from one mode to the next).
+    engine = build_engine(settings).engine
+    lm = engine.lm
+    agent = load_agent(agent_path, expected_hidden_size=lm.hidden_size)
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     out = {}
     for mode, a in (("base", None), ("agent", agent)):
-        engine = LLMEngine(lm, engine_config(settings))
         warm = [Request(f"w{i}", render_chat(lm.tokenizer, [{"role": "user", "content": "Hi"}]),
                         SamplingParams(max_new_tokens=8), a) for i in range(2)]  # fmt: skip
         engine.generate(warm)
@@ -336,16 +343,11 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        agent, flags, agent_desc = pick_agent(Path(tmp))
+        agent, agent_dir, flags, agent_desc = pick_agent(Path(tmp))
         alone = {}
         if args.engine_baseline:  # before the server starts: nothing else on the cores
-            agent_path = Path(flags[1].split("=", 1)[1]) if flags else None
-            if agent_path is None:
-                from mara_serve.engine.default_model import default_agents
-
-                agent_path = default_agents()[agent]
             c = max(levels)
-            alone = engine_alone(agent_path, c, c * per_client, max_tokens, args.serve_arg)
+            alone = engine_alone(agent_dir, c, c * per_client, max_tokens, args.serve_arg)
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         proc = start_server(port, flags + args.serve_arg, max(levels))
