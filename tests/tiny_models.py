@@ -8,6 +8,9 @@ from mara_serve.engine.agent import Agent, AgentCard, AgentNetwork
 from mara_serve.engine.loading import LoadedModel
 
 VOCAB = 128
+# Prompts of varied lengths (a repeated pair, a long one) the parity tests decode on.
+PARITY_PROMPTS = [[0, 5, 6, 7], [0, 9], [0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [0, 40, 41],
+                  [0, 17] * 9, [0, 99, 98, 97, 96], [0, 64], [0, 2, 3, 4, 5, 6, 100]]  # fmt: skip
 
 
 def tiny_llama(

@@ -111,8 +111,8 @@ class DecoderWeights:
 def packed_for_cpu(layer: LayerWeights) -> LayerWeights:
     """The layer with every projection in oneDNN's blocked layout for the CPU (what inductor's
     CPU weight freezing uses). Measured on a 2-core AVX2 VM (bench/RESULTS.md): one-row matmuls
-    ~1.5x faster than `F.linear`, 2-4 rows ~1.7x; whole engine +10 % plain at batch 1, +18-21 %
-    with a MARA agent, a tie at batch 16, identical tokens. The packed tensors are opaque: the
+    ~1.5x faster than `F.linear`, 2-4 rows ~1.7x; whole engine, two A/Bs: +12-21 % with a MARA
+    agent, plain decoding from a tie to +10 %, identical tokens. The packed tensors are opaque: the
     runner owns them (`LoadedModel.pack_for_serving`)."""
 
     def pack(w: torch.Tensor) -> torch.Tensor:

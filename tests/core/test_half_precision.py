@@ -5,6 +5,7 @@ leave them only at a near-tie of the reference's decision; divergences are count
 import pytest
 import torch
 from parity_policy import check_against_reference
+from tiny_models import PARITY_PROMPTS as PROMPTS
 from tiny_models import make_agent, tiny_llama
 
 from mara_serve.engine.engine import EngineConfig, LLMEngine
@@ -12,9 +13,6 @@ from mara_serve.engine.loading import cpu_has_fast_bf16, resolve_dtype
 from mara_serve.engine.reference import reference_generate
 from mara_serve.engine.request import Request
 from mara_serve.engine.sampling import SamplingParams
-
-PROMPTS = [[0, 5, 6, 7], [0, 9], [0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [0, 40, 41],
-           [0, 17] * 9, [0, 99, 98, 97, 96], [0, 64], [0, 2, 3, 4, 5, 6, 100]]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import PARITY_PROMPTS as PROMPTS
 from tiny_models import tiny_llama
 
 from mara_serve.engine.engine import EngineConfig, LLMEngine
@@ -9,9 +10,6 @@ from mara_serve.engine.reference import reference_generate
 from mara_serve.engine.request import Request
 from mara_serve.engine.runner import ModelRunner
 from mara_serve.engine.sampling import SamplingParams
-
-PROMPTS = [[0, 5, 6, 7], [0, 9], [0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [0, 40, 41],
-           [0, 17] * 9, [0, 99, 98, 97, 96], [0, 64], [0, 2, 3, 4, 5, 6, 100]]  # fmt: skip
 
 
 def reference(lm, prompt, agent, params):
