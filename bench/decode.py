@@ -16,6 +16,7 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import subprocess
@@ -128,49 +129,47 @@ def main() -> None:
     ap.add_argument("--agent", default=None, help="a real agent to use as the 'mixed' agent")
     ap.add_argument("--chunk-sizes", default="2,8", help="other chunk sizes to measure")
     ap.add_argument(
-        "--no-packed-weights",
+        "--no-split-matmuls",
         action="store_true",
-        help="run the engine on dense weights (the server packs them on a CPU in float32)",
+        help="the engine's projections as plain F.linear (the CPU float32 default splits them)",
     )
     args = ap.parse_args()
     n1, n16, n_serial = (24, 16, 12) if args.quick else (96, 64, 32)
     lm = load_model(ModelConfig(model=args.model, cache_dir=default_cache_dir()))
-    # The engine runs on the weights as the server holds them (oneDNN-packed on a CPU in
-    # float32); the serial reference and HF generate need the dense model, so load it twice.
-    served = load_model(ModelConfig(model=args.model, cache_dir=default_cache_dir()))
-    packed = not args.no_packed_weights and served.pack_for_serving()
+    # The engine as served (split matmuls on a CPU in float32) unless --no-split-matmuls.
+    run = functools.partial(engine_run, split_matmuls=not args.no_split_matmuls)
     prompts = [render_chat(lm.tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
     mixed = (load_agent(args.agent, expected_hidden_size=lm.hidden_size) if args.agent
              else calibrated_agent(lm, 0.5, "mixed-50%"))  # fmt: skip
     light = calibrated_agent(lm, 0.1, "light-10%")
     high = calibrated_agent(lm, 1.0, "reject-all")
     one = prompts[:1]
-    engine_run(served, one, mixed, 4)  # warm-up (allocations, first-call overheads)
+    run(lm, one, mixed, 4)  # warm-up (allocations, first-call overheads)
     hf_generate_run(lm, one[0], 4)
 
     rows: dict[str, tuple[float, dict]] = {}
     chunks = [int(x) for x in args.chunk_sizes.split(",") if x]
-    rows["plain b1"] = engine_run(served, one, None, n1)
-    rows["mara mixed b1"] = engine_run(served, one, mixed, n1)
-    rows["mara mixed b1 all-at-once"] = engine_run(served, one, mixed, n1, chunk_size=ALL,
+    rows["plain b1"] = run(lm, one, None, n1)
+    rows["mara mixed b1"] = run(lm, one, mixed, n1)
+    rows["mara mixed b1 all-at-once"] = run(lm, one, mixed, n1, chunk_size=ALL,
                                                    probe_top1=False)  # fmt: skip
-    rows["mara light b1"] = engine_run(served, one, light, n1)
-    rows["mara light b1 all-at-once"] = engine_run(served, one, light, n1, chunk_size=ALL,
+    rows["mara light b1"] = run(lm, one, light, n1)
+    rows["mara light b1 all-at-once"] = run(lm, one, light, n1, chunk_size=ALL,
                                                    probe_top1=False)  # fmt: skip
-    rows["mara reject-all b1"] = engine_run(served, one, high, n1)
+    rows["mara reject-all b1"] = run(lm, one, high, n1)
     for m in chunks:
-        rows[f"mara mixed b1 chunk={m} no-probe"] = engine_run(served, one, mixed, n1, chunk_size=m,
+        rows[f"mara mixed b1 chunk={m} no-probe"] = run(lm, one, mixed, n1, chunk_size=m,
                                                               probe_top1=False)  # fmt: skip
     rows["hf generate b1"] = (hf_generate_run(lm, one[0], n1), {})
     rows["serial mixed b1"] = (serial_run(lm, one[0], mixed, n_serial), {})
     rows["serial reject-all b1"] = (serial_run(lm, one[0], high, n_serial), {})
-    rows["plain b16"] = engine_run(served, prompts, None, n16)
-    rows["mara mixed b16"] = engine_run(served, prompts, mixed, n16)
-    rows["mara mixed b16 all-at-once"] = engine_run(served, prompts, mixed, n16, chunk_size=ALL,
+    rows["plain b16"] = run(lm, prompts, None, n16)
+    rows["mara mixed b16"] = run(lm, prompts, mixed, n16)
+    rows["mara mixed b16 all-at-once"] = run(lm, prompts, mixed, n16, chunk_size=ALL,
                                                     probe_top1=False)  # fmt: skip
-    rows["mara light b16"] = engine_run(served, prompts, light, n16)
+    rows["mara light b16"] = run(lm, prompts, light, n16)
     for m in chunks:
-        rows[f"mara mixed b16 chunk={m} no-probe"] = engine_run(
+        rows[f"mara mixed b16 chunk={m} no-probe"] = run(
             lm, prompts, mixed, n16, chunk_size=m, probe_top1=False
         )
 
@@ -200,7 +199,7 @@ def main() -> None:
         "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "commit": commit,
-        "quick": args.quick, "packed_weights": packed,
+        "quick": args.quick, "split_matmuls": not args.no_split_matmuls,
     }  # fmt: skip
     summary = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
     summary["tokens_per_s"] = {k: round(v, 2) for k, v in r.items()}

@@ -8,7 +8,7 @@ Never downloads from a hub: ids are looked up with `local_files_only=True`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from mara_serve.engine.default_model import (
     ensure_default_model,
 )
 from mara_serve.engine.errors import ModelLoadError
-from mara_serve.engine.weights import DecoderWeights, can_pack_for_cpu, packed_for_cpu
+from mara_serve.engine.weights import DecoderWeights
 
 log = logging.getLogger(__name__)
 
@@ -53,35 +53,6 @@ class LoadedModel:
     def __post_init__(self) -> None:
         if DecoderWeights.supports(self.model):
             self.weights = DecoderWeights.from_hf(self.model)
-
-    @property
-    def hf_forward_available(self) -> bool:
-        """False once `pack_for_serving` gave the projections to the runner alone."""
-        return not (self.weights is not None and self.weights.layers[0].qkv_w.is_mkldnn)
-
-    def pack_for_serving(self) -> bool:
-        """Give the runner oneDNN-packed projections (float32 on a CPU; weights.py has the
-        measurements) and release the HF modules' dense copies, so torch holds the weights
-        once (the process's RSS still grows: SmolLM2 952 MB → 1,255 MB, freed pages stay with
-        the allocator). Afterwards only the batched runner can run this model — the server's
-        case; the serial reference, `mara eval` and training load their own unpacked model.
-        Returns whether it packed."""
-        if self.weights is None or not can_pack_for_cpu(self.device, self.dtype):
-            return False
-        # Layer by layer, each dense copy released as soon as its packed copy exists, so the
-        # process never holds two copies of the whole model.
-        dense, self.weights = self.weights, None
-        layers = list(dense.layers)
-        dense = replace(dense, layers=())
-        empty = torch.empty(0, dtype=self.dtype, device=self.device)
-        for i, hf_layer in enumerate(self.model.model.layers):
-            layers[i] = packed_for_cpu(layers[i])
-            attn, mlp = hf_layer.self_attn, hf_layer.mlp
-            for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                      mlp.gate_proj, mlp.up_proj, mlp.down_proj):  # fmt: skip
-                m.weight.data = empty
-        self.weights = replace(dense, layers=tuple(layers))
-        return True
 
 
 def resolve_device(device: str) -> torch.device:

@@ -30,16 +30,24 @@ import torch.nn.functional as F
 from mara_serve.engine.errors import UnsupportedModelError
 from mara_serve.engine.kv_cache import KVCache
 from mara_serve.engine.loading import LoadedModel
-from mara_serve.engine.weights import SUPPORTED_MODEL_TYPES, LayerWeights
+from mara_serve.engine.weights import (
+    SUPPORTED_MODEL_TYPES,
+    LayerWeights,
+    can_split_for_cpu,
+    split_for_cpu,
+    split_weight,
+)
 
 MAX_CANDIDATES = 256  # the largest top_k a MARA step may use (scratch positions per row)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x @ w.T (+ b): `w` is a dense (out, in) weight, or oneDNN-packed for the CPU
-    (`DecoderWeights.packed_for_cpu`)."""
-    if w.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    """x (n, in) @ w.T (+ b) → (n, out): `w` is a dense (out, in) weight or a (groups, in,
+    out/groups) view of one (`weights.split_for_cpu`: one batched matmul, groups in parallel)."""
+    if w.dim() == 3:
+        xs = x.expand(w.shape[0], *x.shape)
+        y = torch.bmm(xs, w) if b is None else torch.baddbmm(b, xs, w)  # (groups, n, out/g)
+        return y.transpose(0, 1).reshape(x.shape[0], -1)
     return F.linear(x, w, b)
 
 
@@ -49,7 +57,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, max_slots: int):
+    def __init__(self, lm: LoadedModel, max_slots: int, split_matmuls: bool = True):
         model = lm.model
         cfg = model.config
         if lm.weights is None:
@@ -68,8 +76,14 @@ class ModelRunner:
         self.layers = weights.layers
         self.norm_w, self.norm_eps = weights.norm_w, weights.norm_eps
         self.embed = weights.embed
-        self.lm_head = weights.lm_head
         self.device, self.dtype = lm.device, lm.dtype
+        head = weights.lm_head
+        self.head_w, self.head_b = head.weight, getattr(head, "bias", None)
+        self.split_matmuls = split_matmuls and can_split_for_cpu(self.device, self.dtype)
+        if self.split_matmuls:  # views of the same weights (weights.split_for_cpu)
+            threads = torch.get_num_threads()
+            self.layers = tuple(split_for_cpu(layer, threads) for layer in self.layers)
+            self.head_w, self.head_b = split_weight(self.head_w, self.head_b, threads)
         max_len = lm.max_model_len
         window = getattr(cfg, "sliding_window", None)
         if window and getattr(cfg, "use_sliding_window", True):
@@ -200,7 +214,7 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (M, H) → float32 logits (M, V): the LM head on the chosen states only."""
-        return self.lm_head(hidden).float()
+        return _linear(hidden, self.head_w, self.head_b).float()
 
     # ---- pieces -------------------------------------------------------------------------
 

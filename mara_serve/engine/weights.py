@@ -108,25 +108,42 @@ class DecoderWeights:
         )
 
 
-def packed_for_cpu(layer: LayerWeights) -> LayerWeights:
-    """The layer with every projection in oneDNN's blocked layout for the CPU (what inductor's
-    CPU weight freezing uses). Measured on a 2-core AVX2 VM (bench/RESULTS.md): one-row matmuls
-    ~1.5x faster than `F.linear`, 2-4 rows ~1.7x; whole engine, two A/Bs: +12-21 % with a MARA
-    agent, plain decoding from a tie to +10 %, identical tokens. The packed tensors are opaque: the
-    runner owns them (`LoadedModel.pack_for_serving`)."""
-
-    def pack(w: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
-
-    return replace(
-        layer,
-        qkv_w=pack(layer.qkv_w),
-        o_w=pack(layer.o_w),
-        gate_up_w=pack(layer.gate_up_w),
-        down_w=pack(layer.down_w),
-    )
+def output_groups(out_features: int, threads: int) -> int:
+    """How many groups `split_for_cpu` cuts a weight's output rows into: at least 4 and at
+    least one per thread, dividing the rows evenly (1: leave the weight as it is)."""
+    for groups in (max(4, threads), 4, 2):
+        if out_features % groups == 0 and out_features // groups >= 16:
+            return groups
+    return 1
 
 
-def can_pack_for_cpu(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN packing applies to float32 weights on a CPU build with oneDNN (mkldnn)."""
-    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+def split_weight(w: torch.Tensor, b: torch.Tensor | None, threads: int):
+    """A dense (out, in) weight as a (groups, in, out/groups) VIEW (no copy) and its bias as
+    (groups, 1, out/groups), for `runner._linear`'s batched matmul."""
+    groups = output_groups(w.shape[0], threads)
+    if groups == 1:
+        return w, b
+    rows = w.shape[0] // groups
+    w3 = w.view(groups, rows, w.shape[1]).transpose(1, 2)
+    return w3, None if b is None else b.view(groups, 1, rows)
+
+
+def split_for_cpu(layer: LayerWeights, threads: int) -> LayerWeights:
+    """The layer with every projection viewed as `groups` batched matmuls over slices of its
+    output rows. On a CPU in float32, MKL runs a one-row `F.linear` (a gemv) on ONE thread and
+    reads weights at about half the memory bandwidth; a batched matmul over the slices runs the
+    slices on every thread. Measured on a 2-core AVX2 VM, 30 matrices of each SmolLM2 shape
+    (bench/RESULTS.md): gate/up at 1 row 21.5 → 10.2 ms (oneDNN-packed: 12.9), at 16 rows
+    44.5 → 24.8 (32.0); whole engine +25-55 %, same tokens. The weights stay the HF modules'
+    own storage (views), so the reference decoder and training read the same tensors."""
+    qkv_w, qkv_b = split_weight(layer.qkv_w, layer.qkv_b, threads)
+    o_w, o_b = split_weight(layer.o_w, layer.o_b, threads)
+    gate_up_w, gate_up_b = split_weight(layer.gate_up_w, layer.gate_up_b, threads)
+    down_w, down_b = split_weight(layer.down_w, layer.down_b, threads)
+    return replace(layer, qkv_w=qkv_w, qkv_b=qkv_b, o_w=o_w, o_b=o_b, gate_up_w=gate_up_w,
+                   gate_up_b=gate_up_b, down_w=down_w, down_b=down_b)  # fmt: skip
+
+
+def can_split_for_cpu(device: torch.device, dtype: torch.dtype) -> bool:
+    """The split matmul pays where MKL runs the matmul: float32 on a CPU."""
+    return device.type == "cpu" and dtype == torch.float32

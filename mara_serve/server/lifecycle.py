@@ -47,6 +47,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_prefill_tokens=settings.max_prefill_tokens,
         prefix_cache_tokens=settings.prefix_cache_tokens,
         batch_prefill=settings.batch_prefill,
+        split_matmuls=settings.cpu_split_matmuls,
     )
 
 
@@ -61,8 +62,6 @@ def build_engine(settings: Settings) -> AsyncEngine:
             max_model_len=settings.max_model_len,
         )
     )
-    if settings.cpu_packed_weights and lm.pack_for_serving():
-        log.info("projections packed for the CPU (oneDNN)")
     return AsyncEngine(LLMEngine(lm, engine_config(settings)))
 
 

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import last_hidden, tiny_llama
 
 from mara_serve.engine.async_engine import AsyncEngine
@@ -11,8 +12,9 @@ from mara_serve.engine.engine import EngineConfig, LLMEngine
 from mara_serve.engine.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
 from mara_serve.engine.reference import reference_generate
 from mara_serve.engine.request import Request
-from mara_serve.engine.runner import ModelRunner
+from mara_serve.engine.runner import ModelRunner, _linear
 from mara_serve.engine.sampling import SamplingParams
+from mara_serve.engine.weights import split_weight
 
 
 def run_all(engine: LLMEngine) -> dict:
@@ -201,13 +203,16 @@ def test_add_requests_admits_all_or_none_and_one_stream_collects_them(tiny_lm, a
 
 def test_runners_share_the_weights_laid_out_once_at_load_time(tiny_lm):
     """A second engine on the same loaded model fuses nothing again: both runners read the
-    same tensors, and the HF modules (the reference decoder) read the same storage."""
+    same storage (a runner's split matmuls are views), and so do the HF modules (the reference
+    decoder)."""
     first, second = ModelRunner(tiny_lm, 2), ModelRunner(tiny_lm, 2)
     params = {name: p.data_ptr() for name, p in tiny_lm.model.named_parameters()}
     third = ModelRunner(tiny_lm, 2)
     assert {n: p.data_ptr() for n, p in tiny_lm.model.named_parameters()} == params
     for a, b, c in zip(first.layers, second.layers, third.layers, strict=True):
-        assert a.qkv_w is b.qkv_w is c.qkv_w and a.gate_up_w is b.gate_up_w is c.gate_up_w
+        for name in ("qkv_w", "o_w", "gate_up_w", "down_w"):
+            ptrs = {getattr(runner, name).data_ptr() for runner in (a, b, c)}
+            assert len(ptrs) == 1, name
     attn = tiny_lm.model.model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == first.layers[0].qkv_w.data_ptr()
     ids = [0, 5, 9, 3]
@@ -215,20 +220,39 @@ def test_runners_share_the_weights_laid_out_once_at_load_time(tiny_lm):
     torch.testing.assert_close(hidden, last_hidden(tiny_lm, ids), atol=1e-5, rtol=1e-5)
 
 
-def test_weights_packed_for_the_cpu_give_the_reference_tokens(agents):
-    """`pack_for_serving` (oneDNN-packed projections, the server's CPU default): the engine
-    still emits the reference's tokens (the reference runs on an unpacked twin of the model)
-    and the HF modules' dense copies are released."""
-    packed, twin = tiny_llama(), tiny_llama()
-    assert packed.pack_for_serving()
-    assert packed.weights.layers[0].qkv_w.is_mkldnn and not packed.hf_forward_available
-    assert packed.model.model.layers[0].self_attn.q_proj.weight.numel() == 0
+def test_split_matmuls_give_the_reference_tokens(agents):
+    """The CPU float32 default runs each projection and the LM head as a batched matmul over
+    slices of the output rows (weights.split_for_cpu): views of the HF weights (no copy), and
+    the engine still emits the reference's tokens (the reference runs the HF forward on the
+    same model)."""
+    lm = tiny_llama()
+    engine = LLMEngine(lm, EngineConfig(max_running=4))
+    runner = engine.runner
+    assert runner.split_matmuls
+    layer = runner.layers[0]
+    for w in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w, runner.head_w):
+        assert w.dim() == 3 and w.shape[0] > 1  # the split path runs, not F.linear
+    attn = lm.model.model.layers[0].self_attn
+    assert layer.qkv_w.data_ptr() == attn.q_proj.weight.data_ptr()  # a view, not a copy
+    assert not LLMEngine(lm, EngineConfig(split_matmuls=False)).runner.layers[0].qkv_w.dim() == 3
     params = SamplingParams(max_new_tokens=16, temperature=0.0)
-    engine = LLMEngine(packed, EngineConfig(max_running=4))
     reqs = [Request(str(i), [0, 5 + i, 9], params, agents[m])
             for i, m in enumerate(("half", "reject", "accept"))]  # fmt: skip
     reqs.append(Request("plain", [0, 3, 4], params))
     results = engine.generate(reqs)
     for r in reqs:
-        want, _ = reference_generate(twin.model, r.prompt_token_ids, r.agent, params, (1,))
+        want, _ = reference_generate(lm.model, r.prompt_token_ids, r.agent, params, (1,))
         assert results[r.request_id][0] == want, r.request_id
+
+
+def test_split_linear_equals_f_linear():
+    """`_linear` over a split view computes x @ w.T + b for every row count and group count."""
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 40), torch.randn(96)
+    for threads in (1, 2, 6):
+        w3, b3 = split_weight(w, b, threads)
+        assert w3.dim() == 3 and w3.data_ptr() == w.data_ptr()
+        for n in (1, 3, 17):
+            x = torch.randn(n, 40)
+            torch.testing.assert_close(_linear(x, w3, b3), F.linear(x, w, b))
+            torch.testing.assert_close(_linear(x, w3, None), F.linear(x, w))
