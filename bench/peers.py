@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -103,6 +104,11 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--peer-venv", type=Path, default=REPO / ".bench-peers" / "llama")
     parser.add_argument("--no-agent", action="store_true", help="skip the MARA runs")
+    parser.add_argument(
+        "--ours-args",
+        default="",
+        help="extra `mara serve` flags, e.g. --ours-args='--max-prefill-tokens 256'",
+    )
     args = parser.parse_args()
     precisions = (args.precisions or ("F32,BF16" if cpu_has_fast_bf16() else "F32")).split(",")
     levels = [int(x) for x in args.levels.split(",")]
@@ -123,7 +129,9 @@ def main() -> None:
         finally:
             stop(llama)
         port = free_port()
-        ours = start_server(port, ["--dtype", DTYPES[precision]], max(levels))
+        ours = start_server(
+            port, ["--dtype", DTYPES[precision], *shlex.split(args.ours_args)], max(levels)
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             env = environment(url)

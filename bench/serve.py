@@ -289,14 +289,14 @@ def engine_alone(
     from mara_serve.engine.loading import render_chat
     from mara_serve.engine.request import Request
     from mara_serve.engine.sampling import SamplingParams
-    from mara_serve.server.lifecycle import build_engine
+    from mara_serve.server.lifecycle import build_llm_engine
 
     settings = settings_from(
         parse_args(["serve", "--max-concurrent", str(concurrency), *serve_args])
     )
-    # Loaded, packed and configured exactly as the server does; one engine for both modes,
+    # Loaded and configured exactly as the server does; one engine for both modes,
     # as in the server (its prefix cache stays warm from one mode to the next).
-    engine = build_engine(settings).engine
+    engine = build_llm_engine(settings)
     lm = engine.lm
     agent = load_agent(agent_path, expected_hidden_size=lm.hidden_size)
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, ignore_eos=True)

@@ -10,7 +10,14 @@ The interface (vLLM's `AsyncLLM` is the model):
 - `health()`, `stats()`, `shutdown()`.
 
 Torch never runs on the event loop: one daemon thread owns the `LLMEngine` and steps it while
-there is work. After each step it hands that step's outputs to each event loop in ONE
+there is work. It is the process's only torch thread: `launch(build)` loads the model on it and
+`run(fn)` runs other torch work (loading an agent) on it between steps. With OpenMP (torch's CPU
+thread pool) every thread that runs a parallel op keeps its own worker team; once two teams
+exist the CPU is oversubscribed and libgomp stops spinning between parallel regions, so every
+matmul waits for its workers to wake — measured on a 2-core VM, an engine stepping on one thread
+after the model was loaded on another (still alive) ran at 67 ms per token instead of 35.
+
+After each step the engine thread hands that step's outputs to each event loop in ONE
 `call_soon_threadsafe` call; on the loop they go straight into their stream's pending list. So a
 token crosses one queue between the engine and the code that encodes it for the client.
 
@@ -27,8 +34,10 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 from mara_serve.engine.engine import LLMEngine
 from mara_serve.engine.errors import (
@@ -40,6 +49,7 @@ from mara_serve.engine.errors import (
 from mara_serve.engine.request import Request, RequestOutput
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RequestStream:
@@ -134,13 +144,51 @@ class AsyncEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._dead: str | None = None  # why the engine died; None while it works
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()  # run() on the thread
+        self._calls_lock = threading.Lock()
+        self._calls_closed = False  # the thread has left its loop: run() refuses
 
     # ---- lifecycle ----------------------------------------------------------------------
+
+    @classmethod
+    def launch(cls, build: Callable[[], LLMEngine]) -> AsyncEngine:
+        """Start the engine thread, build the engine ON it (`build` loads the model) and return
+        once it runs; raises what `build` raised. Blocking: call it off the event loop."""
+        built: Future = Future()
+        holder: list[AsyncEngine] = []
+
+        def main() -> None:
+            try:
+                holder.append(cls(build()))
+            except BaseException as e:
+                built.set_exception(e)
+                return
+            engine = holder[0]
+            engine._thread = threading.current_thread()
+            built.set_result(engine)
+            engine._loop()
+
+        threading.Thread(target=main, name="mara-engine", daemon=True).start()
+        return built.result()
 
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="mara-engine", daemon=True)
             self._thread.start()
+
+    def run(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Run `fn` on the engine thread between two steps and return its result (or raise
+        its exception). Blocking: call it off the event loop. Torch work outside the engine's
+        own steps (loading an agent) goes through here, so the process keeps one torch thread."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+        with self._calls_lock:
+            if self._thread is None or self._calls_closed:
+                raise EngineNotReadyError("the engine is not running")
+            self._calls.append((fn, future))
+        self._wake.set()
+        return future.result(timeout)
 
     def stop_accepting(self) -> None:
         self.engine.stop_accepting()
@@ -242,8 +290,29 @@ class AsyncEngine:
 
     # ---- the engine thread --------------------------------------------------------------
 
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:  # nobody runs the calls any more: fail them rather than leave callers waiting
+            with self._calls_lock:
+                self._calls_closed = True
+            while self._calls:
+                _, future = self._calls.popleft()
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(EngineNotReadyError("the engine stopped"))
+
+    def _serve(self) -> None:
         while not self._stop:
+            self._run_calls()
             if self._dead is not None or not self.engine.has_work():  # a dead engine idles
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()

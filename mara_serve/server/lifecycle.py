@@ -52,7 +52,13 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 
 def build_engine(settings: Settings) -> AsyncEngine:
-    """Load the base model and wrap it in an engine (blocking; seconds to minutes)."""
+    """Start the engine thread and load the base model on it (blocking; seconds to minutes):
+    the engine thread is the process's only torch thread (async_engine.py says why)."""
+    return AsyncEngine.launch(lambda: build_llm_engine(settings))
+
+
+def build_llm_engine(settings: Settings) -> LLMEngine:
+    """Load the base model and build the engine the server runs, on the calling thread."""
     lm = load_model(
         ModelConfig(
             model=settings.model,
@@ -62,7 +68,7 @@ def build_engine(settings: Settings) -> AsyncEngine:
             max_model_len=settings.max_model_len,
         )
     )
-    return AsyncEngine(LLMEngine(lm, engine_config(settings)))
+    return LLMEngine(lm, engine_config(settings))
 
 
 def startup_agents(settings: Settings, model_name: str) -> dict[str, Path]:
@@ -79,7 +85,7 @@ def wire(state: ServerState, engine: AsyncEngine) -> Services:
     settings, lm = state.settings, engine.engine.lm
     base_id = settings.served_model_name or lm.name
     registry = AgentRegistry(lm.hidden_size, lm.device)
-    admin = AgentAdmin(registry, settings.agent_dir, base_id, state.metrics)
+    admin = AgentAdmin(registry, settings.agent_dir, base_id, state.metrics, engine.run)
     for name, path in startup_agents(settings, lm.name).items():
         admin.check_name(name)
         admin.load_sync(name, path)

@@ -1,6 +1,7 @@
 """Engine behaviour: admission, limits, abort, stop tokens, sampling, faults, async face."""
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -9,7 +10,13 @@ from tiny_models import last_hidden, tiny_llama
 
 from mara_serve.engine.async_engine import AsyncEngine
 from mara_serve.engine.engine import EngineConfig, LLMEngine
-from mara_serve.engine.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
+from mara_serve.engine.errors import (
+    ContextLengthExceededError,
+    EngineNotReadyError,
+    InvalidRequestError,
+    ModelLoadError,
+    QueueFullError,
+)
 from mara_serve.engine.reference import reference_generate
 from mara_serve.engine.request import Request
 from mara_serve.engine.runner import ModelRunner, _linear
@@ -172,6 +179,51 @@ def test_async_engine_streams_and_cancel_aborts(tiny_lm, agents):
 
     with torch.inference_mode():
         asyncio.run(main())
+
+
+def test_launch_builds_the_engine_on_its_thread_and_run_uses_that_thread(tiny_lm, agents):
+    """The engine thread is the process's only torch thread: `launch` builds the engine on it
+    (the server loads the model there), `run` runs other torch work on it between steps and
+    returns or raises what the work did; once stopped, `run` refuses."""
+    built_on = []
+
+    def build():
+        built_on.append(threading.get_ident())
+        return LLMEngine(tiny_lm, EngineConfig(max_running=2))
+
+    engine = AsyncEngine.launch(build)
+    stepped_on = []
+    real_step = engine.engine.step
+
+    def step():
+        stepped_on.append(threading.get_ident())
+        return real_step()
+
+    engine.engine.step = step
+
+    async def main():
+        params = SamplingParams(max_new_tokens=4)
+        done = await engine.generate_all(Request("a", [0, 5], params, agents["half"]))
+        assert len(done.new_token_ids) == 4
+
+    with torch.inference_mode():
+        asyncio.run(main())
+    assert built_on[0] != threading.get_ident() and set(stepped_on) == set(built_on)
+    assert engine.run(threading.get_ident) == built_on[0]
+    with pytest.raises(ZeroDivisionError):
+        engine.run(lambda: 1 / 0)
+    assert engine.is_alive()  # a failing call fails its caller, not the engine
+    engine.shutdown(timeout=1)
+    with pytest.raises(EngineNotReadyError):
+        engine.run(threading.get_ident)
+
+
+def test_launch_raises_what_the_build_raised():
+    def build():
+        raise ModelLoadError("no such model: nowhere")
+
+    with pytest.raises(ModelLoadError, match="nowhere"):
+        AsyncEngine.launch(build)
 
 
 def test_add_requests_admits_all_or_none_and_one_stream_collects_them(tiny_lm, agents):

@@ -114,20 +114,18 @@ def test_twenty_agent_swaps_and_unloads_during_streams_change_no_stream(live: An
     alone = [stream_text(live, body)[0] for body in work]
     admin = {"Authorization": "Bearer admin"}
     url = live.base_url + "/admin/agents/swap"
-    with slow_engine(live) as gate:
+    with slow_engine(live):
         streams = [OpenStream(live, body) for body in work]
         assert all(s.started.wait(10) for s in streams)
         for i in range(20):
-            # Each swap lands between two steps of every stream (held engine), and the streams
-            # move on by a token before the next one.
-            gate.clear()
+            # Each swap lands between two steps of every stream (agents load on the engine
+            # thread, between steps), and the streams move on by a token before the next one.
             seen = [len(s.lines) for s in streams]
             if i % 2:
                 r = httpx.delete(url, headers=admin)
             else:
                 r = httpx.put(url, json={"path": ("half2", "reject")[i // 2 % 2]}, headers=admin)
             assert r.status_code in (200, 201), r.text
-            gate.set()
             wait_for(lambda: moved_on(streams, seen), 5)  # noqa: B023
         assert all(s.lines[-1] != "data: [DONE]" for s in streams), "the streams ended early"
         for s in streams:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import httpx
@@ -64,6 +65,22 @@ def test_list_put_replace_delete(server) -> None:
     assert server.metric("mara_agent_unloads_total", {"agent": "crud"}) >= 1
     check_error(server.post("/v1/chat/completions", body), 404, "model_not_found")
     check_error(admin(server, "DELETE", "crud"), 404, "agent_not_found")
+
+
+def test_agents_load_on_the_engine_thread(server, monkeypatch) -> None:
+    """A hot load runs its torch work on the engine thread (the process's only torch thread;
+    a second OpenMP team halves CPU matmul speed, engine/async_engine.py)."""
+    registry = server.state.services.registry
+    real_load, loaded_on = registry.load, []
+
+    def load(name, path):
+        loaded_on.append(threading.get_ident())
+        return real_load(name, path)
+
+    monkeypatch.setattr(registry, "load", load)
+    assert admin(server, "PUT", "threaded", {"path": "half"}).status_code == 201
+    assert loaded_on == [server.state.engine._thread.ident]
+    assert admin(server, "DELETE", "threaded").status_code == 200
 
 
 def test_hot_swap_during_a_stream_leaves_the_stream_unchanged(server) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from starlette.concurrency import run_in_threadpool
@@ -86,9 +87,17 @@ def _resolve_inside(base: Path, rel: PurePosixPath, requested: str) -> Path:
 
 class AgentAdmin:
     def __init__(
-        self, registry: AgentRegistry, agent_dir: Path | None, base_id: str, metrics: ServerMetrics
+        self,
+        registry: AgentRegistry,
+        agent_dir: Path | None,
+        base_id: str,
+        metrics: ServerMetrics,
+        run_torch: Callable[[Callable[[], AgentEntry]], AgentEntry] = lambda fn: fn(),
     ):
+        """`run_torch` runs a load where the process runs torch: the server passes
+        `AsyncEngine.run` (the engine thread; async_engine.py says why)."""
         self.registry = registry
+        self.run_torch = run_torch
         self.agent_dir = agent_dir
         self.base_id = base_id
         self.metrics = metrics
@@ -108,7 +117,7 @@ class AgentAdmin:
 
     def load_sync(self, name: str, path: Path) -> AgentEntry:
         """Startup loading (any path the operator gave): raises AgentLoadError."""
-        entry = self.registry.load(name, path)
+        entry = self.run_torch(lambda: self.registry.load(name, path))
         self.metrics.agent_loaded(name)
         log.info("agent %s v%d loaded from %s", name, entry.version, path)
         return entry
