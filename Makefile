@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv model serve test test-core lint bench bench-quick bench-peers fuzz load soak clean
+.PHONY: venv model serve test test-core lint bench bench-quick bench-peers bench-gpu fuzz load soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench-quick: model
 
 bench-peers: model
 	$(BIN)/python bench/peers.py $(ARGS)
+
+bench-gpu: model
+	$(BIN)/python bench/gpu.py $(ARGS)
 
 fuzz: model
 	$(BIN)/python bench/fuzz.py $(ARGS)
