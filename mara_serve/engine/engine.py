@@ -27,6 +27,7 @@ from mara_serve.engine.errors import (
     InvalidRequestError,
     QueueFullError,
 )
+from mara_serve.engine.kv_cache import kv_budget
 from mara_serve.engine.loading import LoadedModel
 from mara_serve.engine.prefix_cache import PrefixCache
 from mara_serve.engine.request import Request, RequestOutput, TokenTrace
@@ -42,7 +43,7 @@ Result = tuple[list[int], list[TokenTrace], str]  # token ids, traces, finish re
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_running: int = 16  # cache slots = rows of the running batch
+    max_running: int = 16  # cache slots = rows of the running batch (fewer if the KV budget says)
     max_waiting: int = 256  # bounded queue; beyond it add_request raises QueueFullError
     # Candidates judged per forward (a value >= top_k: all at once). None picks by device, as
     # measured by bench/decode.py: 4 on CPU (a forward of 40 tokens costs ~2.5x one token
@@ -57,6 +58,10 @@ class EngineConfig:
     # Prompts admitted in one step share one prefill forward (runner.prefill_batch). Off keeps
     # each prompt's prefill numerically independent of what else arrives (train/eval/generate).
     batch_prefill: bool = False
+    # KV cache budget in bytes (kv_cache.kv_budget: None → on a GPU `gpu_memory_utilization`
+    # of its memory, on a CPU every slot at full length, committed as written).
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
     # On a CPU in float32, run each projection as a batched matmul over slices of its output
     # rows (weights.split_for_cpu: every thread reads weights; measured ~2x on one-row matmuls).
     split_matmuls: bool = True
@@ -66,7 +71,12 @@ class LLMEngine:
     def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig()):
         self.lm = lm
         self.config = config
-        self.runner = ModelRunner(lm, config.max_running, config.split_matmuls)
+        budget = kv_budget(config.kv_cache_memory, config.gpu_memory_utilization, lm.device)
+        self.runner = ModelRunner(lm, config.max_running, config.split_matmuls, budget,
+                                  config.prefix_cache_tokens)  # fmt: skip
+        for note in self.runner.kv_plan.notes:
+            log.warning("%s", note)
+        self.max_running = self.runner.kv_plan.slots  # admission: a free slot holds a sequence
         self.prefix_cache = PrefixCache(config.prefix_cache_tokens, config.prefix_block_size)
         on_cpu = lm.device.type == "cpu"
         self.chunk_size = (
@@ -154,8 +164,10 @@ class LLMEngine:
     def stats(self) -> dict:
         return {
             "running": self.num_running, "waiting": self.num_waiting,
-            "max_running": self.config.max_running, "max_waiting": self.config.max_waiting,
+            "max_running": self.max_running, "max_waiting": self.config.max_waiting,
             "kv_cache_capacity": self.runner.cache.capacity, "steps": self.num_steps,
+            "kv_cache_bytes": self.runner.cache.nbytes, "kv_cache_slots": self.max_running,
+            "kv_cache_tokens": sum(s.length for s in list(self.running)),
             **self.prefix_cache.stats(),
         }  # fmt: skip
 
@@ -244,7 +256,7 @@ class LLMEngine:
         keys: set[tuple[int, ...]] = set()
         budget = self.config.max_prefill_tokens
         with self._lock:
-            while self._waiting and len(self.running) + len(taken) < self.config.max_running:
+            while self._waiting and len(self.running) + len(taken) < self.max_running:
                 ids = self._waiting[0].prompt_token_ids
                 key = tuple(ids)
                 cost = 0 if key in keys else len(ids) - self.prefix_cache.cached_tokens(ids)

@@ -106,7 +106,7 @@ class PrefixCache:
         B = self.block_size
         n = len(blocks) * B
         if n:
-            cache.ensure_capacity(n)
+            cache.check(n)
             cache.keys[:, slot, :, :n] = torch.cat([b.keys for b in blocks], dim=2)
             cache.values[:, slot, :, :n] = torch.cat([b.values for b in blocks], dim=2)
         return n

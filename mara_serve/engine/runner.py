@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from mara_serve.engine.errors import UnsupportedModelError
-from mara_serve.engine.kv_cache import KVCache
+from mara_serve.engine.kv_cache import KVCache, KVPlan, bytes_per_position
 from mara_serve.engine.loading import LoadedModel
 from mara_serve.engine.weights import (
     SUPPORTED_MODEL_TYPES,
@@ -57,7 +57,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, max_slots: int, split_matmuls: bool = True):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        max_slots: int,
+        split_matmuls: bool = True,
+        kv_budget: int | None = None,
+        kv_reserved_tokens: int = 0,
+    ):
+        """`max_slots` sequences at most; the KV cache is sized once from `kv_budget` bytes
+        (None: every slot holds a full-length sequence), `kv_reserved_tokens` positions of it
+        left to the prefix cache (kv_cache.KVPlan; `self.kv_plan` says what it fitted)."""
         model = lm.model
         cfg = model.config
         if lm.weights is None:
@@ -88,10 +98,14 @@ class ModelRunner:
         window = getattr(cfg, "sliding_window", None)
         if window and getattr(cfg, "use_sliding_window", True):
             max_len = min(max_len, window)  # within the window, sliding == full attention
-        self.max_len = max_len
         # Room past the longest sequence for the candidates of a step (rank < MAX_CANDIDATES).
-        self.cache = KVCache(len(self.layers), max_slots, self.num_kv_heads, self.head_dim,
-                             max_len + MAX_CANDIDATES, self.dtype, self.device)  # fmt: skip
+        per_position = bytes_per_position(len(self.layers), self.num_kv_heads, self.head_dim,
+                                          self.dtype)  # fmt: skip
+        self.kv_plan = KVPlan.fit(kv_budget, per_position, max_len, max_slots, MAX_CANDIDATES,
+                                  kv_reserved_tokens * per_position)  # fmt: skip
+        self.max_len = self.kv_plan.max_len
+        self.cache = KVCache(len(self.layers), self.num_kv_heads, self.head_dim, self.kv_plan,
+                             self.dtype, self.device)  # fmt: skip
         # cos/sin for every position from the model's own rotary module (it knows its scaling
         # variant); a step then only indexes the table.
         with torch.inference_mode():
@@ -130,7 +144,7 @@ class ModelRunner:
             positions.append(torch.arange(start, T, device=self.device))
             tokens += ids[start:]
             a += T - start
-        self.cache.ensure_capacity(max(T for _, _, T, _, _ in spans) + 1)
+        self.cache.check(max(T for _, _, T, _, _ in spans) + 1)
         x = self.embed(torch.tensor(tokens, device=self.device))  # (N, H)
         pos = positions[0] if len(positions) == 1 else torch.cat(positions)
         cos, sin = self.cos[pos, None], self.sin[pos, None]  # (N, 1, d)
@@ -188,7 +202,7 @@ class ModelRunner:
         rank_of = col_of if rank_of is None else rank_of
         store_pos = lengths[row_of] + rank_of  # (N,) where each token's K/V are written
         S = int(store_pos.max()) + 1  # keys the step reads
-        self.cache.ensure_capacity(S)
+        self.cache.check(S)
         cos, sin = self.cos[lengths[row_of]][:, None], self.sin[lengths[row_of]][:, None]
         mask = self._tree_mask(R, kmax, S, lengths, row_of, col_of, store_pos)  # (R,1,gK,S)
         dense = N == R * kmax  # every row has kmax tokens: packed order == padded order

@@ -48,6 +48,8 @@ def engine_config(settings: Settings) -> EngineConfig:
         prefix_cache_tokens=settings.prefix_cache_tokens,
         batch_prefill=settings.batch_prefill,
         split_matmuls=settings.cpu_split_matmuls,
+        kv_cache_memory=settings.kv_cache_memory,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
     )
 
 

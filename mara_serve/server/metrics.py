@@ -14,6 +14,9 @@ exact even while nothing else happens. Everything else is fed from the event loo
   candidates the rejection rate;
 - prefix caching, read from the engine at scrape time: tokens held, prompt tokens looked up and
   found (hit rate = hit / queried);
+- the KV cache, read from the engine at scrape time: its size in bytes and slots (fixed at
+  start from the budget), the share of slots held by running requests (`usage_perc`, 0-1, as
+  vLLM's) and the tokens they hold;
 - `mara_requests_total{status}`: success (finished stop/length), aborted (client went away or
   the server stopped it), error (engine failure), rejected (refused at admission: queue full,
   not ready, context too long).
@@ -59,6 +62,10 @@ METRIC_NAMES = frozenset(
         "mara_prefix_cache_tokens",
         "mara_prefix_cache_queried_tokens_total",
         "mara_prefix_cache_hit_tokens_total",
+        "mara_kv_cache_bytes",
+        "mara_kv_cache_slots",
+        "mara_kv_cache_usage_perc",
+        "mara_kv_cache_tokens",
     }
 )
 
@@ -215,7 +222,7 @@ class ServerMetrics:
         self.running.set_function(num_running)
         self.waiting.set_function(num_waiting)
         if engine_stats is not None:
-            self.registry.register(_PrefixCacheCollector(engine_stats))
+            self.registry.register(_EngineStatsCollector(engine_stats))
 
     def agent_loaded(self, name: str) -> None:
         self.agent_loads.labels(name).inc()
@@ -289,8 +296,9 @@ class RequestTracker:
             self.m.e2e.observe(time.monotonic() - self.start)
 
 
-class _PrefixCacheCollector(Collector):
-    """The engine's prefix-cache counters (LLMEngine.stats()), read at scrape time."""
+class _EngineStatsCollector(Collector):
+    """The engine's prefix-cache counters and KV cache gauges (LLMEngine.stats()), read at
+    scrape time."""
 
     def __init__(self, engine_stats: Callable[[], dict]):
         self.engine_stats = engine_stats
@@ -309,4 +317,20 @@ class _PrefixCacheCollector(Collector):
             "mara_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache."
         )
         hits.add_metric([], stats.get("prefix_cache_hit_tokens", 0))
-        return [held, queried, hits]
+        slots = stats.get("kv_cache_slots", 0)
+        gauges = [
+            ("mara_kv_cache_bytes", "Bytes of the KV cache (allocated once from the budget).",
+             stats.get("kv_cache_bytes", 0)),
+            ("mara_kv_cache_slots", "Sequences the KV cache holds at once (running batch limit).",
+             slots),
+            ("mara_kv_cache_usage_perc", "Share of KV cache slots held by running requests (0-1).",
+             stats.get("running", 0) / slots if slots else 0.0),
+            ("mara_kv_cache_tokens", "Tokens whose K/V running requests hold.",
+             stats.get("kv_cache_tokens", 0)),
+        ]  # fmt: skip
+        out = [held, queried, hits]
+        for name, doc, value in gauges:
+            family = GaugeMetricFamily(name, doc)
+            family.add_metric([], value)
+            out.append(family)
+        return out

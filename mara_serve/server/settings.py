@@ -21,6 +21,20 @@ from mara_serve.engine.default_model import default_cache_dir
 AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(value: Any) -> Any:
+    """`4GiB`, `512MiB`, `2.5GB`, `1073741824` → bytes (other types pass to validation)."""
+    if not isinstance(value, str):
+        return value
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+    if m is None or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size (e.g. 4GiB, 512MiB, 2GB or bytes)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
 def parse_agent_specs(value: Any) -> dict[str, Any]:
     """`"a=/p,b=/q"` or `["a=/p", "b=/q"]` or a mapping → {name: path}."""
     if value is None or value == "":
@@ -121,6 +135,21 @@ class Settings(BaseSettings):
         description="prefill the prompts admitted in one engine step in one forward (lower "
         "time to first token under load)",
     )
+    kv_cache_memory: int | None = Field(
+        None,
+        ge=1,
+        description="KV cache budget (bytes, or e.g. 4GiB, 512MiB), allocated once at start: "
+        "it fixes how many requests run at once and caps max_model_len if one full-length "
+        "sequence does not fit (both logged). Default: on a GPU, gpu_memory_utilization of its "
+        "memory; on a CPU, every slot at full context, committed only as sequences grow",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="share of the GPU's memory the server may fill (weights + KV cache + "
+        "activations) when kv_cache_memory is unset",
+    )
     cpu_split_matmuls: bool = Field(
         True,
         description="on a CPU in float32, run each projection as one batched matmul over slices "
@@ -164,6 +193,13 @@ class Settings(BaseSettings):
                     f"invalid agent name {name!r} (letters, digits, '.', '_', '-'; max 128)"
                 )
         return specs
+
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return parse_bytes(value)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

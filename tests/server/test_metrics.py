@@ -106,3 +106,25 @@ def test_prefix_cache_counters_follow_shared_prompts(live) -> None:
     assert live.metric("mara_prefix_cache_queried_tokens_total") >= 43 + 42
     assert live.metric("mara_prefix_cache_hit_tokens_total") >= 32
     assert live.metric("mara_prefix_cache_tokens") >= 32
+
+
+def test_the_kv_cache_budget_shows_in_metrics_and_models(start_server, tiny_lm) -> None:
+    """--kv-cache-memory fixes the slots (a gauge) and, below one full-length sequence, the
+    context the API advertises and enforces. The tiny model: 512 bytes per token (2 layers x 2
+    kv heads x 16 dims x K,V x 4 bytes); a slot holds its context + 256 candidate positions."""
+    slot = 512 * (tiny_lm.max_model_len + 256)
+    live = start_server(kv_cache_memory=2 * slot + 100, prefix_cache_tokens=0)
+    assert live.metric("mara_kv_cache_slots") == 2
+    assert live.metric("mara_kv_cache_bytes") == 2 * slot
+    assert live.metric("mara_kv_cache_usage_perc") == 0
+    body = {"model": BASE, "messages": MESSAGES, "max_tokens": 4}
+    assert live.post("/v1/chat/completions", body).status_code == 200
+    assert live.metric("mara_kv_cache_tokens") == 0  # nothing held once it finished
+
+    # 96 prefix-cache tokens of the budget are reserved; what is left holds 100 tokens + scratch
+    live = start_server(kv_cache_memory=(96 + 100 + 256) * 512, prefix_cache_tokens=96)
+    models = httpx.get(live.base_url + "/v1/models").json()["data"]
+    assert {m["max_model_len"] for m in models} == {100}
+    r = live.post("/v1/chat/completions", {**body, "max_tokens": 200})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "100 tokens" in r.json()["error"]["message"]
