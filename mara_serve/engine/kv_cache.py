@@ -122,7 +122,10 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
     nbytes = numel * torch.empty(0, dtype=dtype).element_size()
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype), None
-    buf = mmap.mmap(-1, nbytes)  # anonymous: zero-filled by the kernel, lazily
+    # Anonymous and private: zero-filled by the kernel page by page on first touch. NORESERVE:
+    # the kernel's overcommit heuristic does not refuse a large, mostly untouched mapping.
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    buf = mmap.mmap(-1, nbytes, flags=flags)
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape), buf
 
 
