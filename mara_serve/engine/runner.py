@@ -266,9 +266,8 @@ class ModelRunner:
             q = q.new_zeros(R * kmax, *q.shape[1:]).index_copy_(0, flat, q)
         # q head h uses kv head h // g (transformers' repeat_kv order).
         q = q.view(R, kmax, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(R, Hkv, g * kmax, d)
-        s = torch.matmul(q, k_all.transpose(-1, -2)) * self.scale + mask  # (R, Hkv, gK, S)
-        # softmax in float32 (a no-op on CPU; keeps bf16/fp16 GPU runs close to the reference)
-        p = torch.softmax(s.float(), dim=-1).to(q.dtype)  # (R, Hkv, gK, S)
-        o = torch.matmul(p, v_all)  # (R, Hkv, gK, d)
+        # One fused kernel (flash / memory-efficient SDPA with the tree mask): no score tensor
+        # of size S is materialised, and softmax accumulates in float32 on every backend.
+        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale)
         o = o.view(R, Hkv, g, kmax, d).permute(0, 3, 1, 2, 4).reshape(R * kmax, Hkv * g * d)
         return o if flat is None else o.index_select(0, flat)
