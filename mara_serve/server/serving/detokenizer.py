@@ -5,7 +5,9 @@ U+FFFD. We keep two offsets into the ids (TGI/vLLM's scheme): text is emitted on
 decoded window no longer ends in U+FFFD, and each delta is the window's text minus the text of
 its already-emitted prefix — decoding a window rather than single tokens keeps the spaces that
 SentencePiece tokenizers attach to the *following* token. A few prompt ids seed the window for
-the same reason. `flush` at the end releases whatever is still held (as U+FFFD if incomplete).
+the same reason. `flush` at the end releases whatever is still held, except the bytes of a
+character the generation cut in half (max_tokens reached inside an emoji): those are dropped, so
+the text never ends in U+FFFD — the completion's token count still includes them.
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """The text still held back (the generation ended); an incomplete character is U+FFFD."""
+        """The text still held back (the generation ended), without a trailing incomplete
+        character (push held these ids only because their text ended in U+FFFD)."""
         if self.read_offset == len(self.ids):
             return ""
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
+        held = new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
+        return held.rstrip("\ufffd")
