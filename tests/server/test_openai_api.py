@@ -334,6 +334,74 @@ def test_user_and_openai_only_fields_are_accepted(client: openai.OpenAI) -> None
         tool_choice="none",
         temperature=0,
         top_p=0.9,
-        extra_body={"top_k": 5, "ignore_eos": True, "some_future_field": {"x": 1}},
+        metadata={"team": "a"},
+        store=False,
+        service_tier="auto",
+        extra_body={"top_k": 5, "ignore_eos": True},
     )
     assert r.usage.completion_tokens == 3
+
+
+# vLLM extension fields with a value that asks for behaviour this server does not implement
+VLLM_ASKS = {
+    "guided_json": {"type": "object"},
+    "guided_regex": "[a-z]+",
+    "guided_choice": ["yes", "no"],
+    "guided_grammar": "root ::= 'a'",
+    "structured_outputs": {"json": {"type": "object"}},
+    "repetition_penalty": 1.3,
+    "min_tokens": 4,
+    "include_stop_str_in_output": True,
+    "return_token_ids": True,
+    "truncate_prompt_tokens": 8,
+    "prompt_logprobs": 1,
+    "allowed_token_ids": [1, 2, 3],
+    "skip_special_tokens": False,
+    "echo": True,
+    "add_generation_prompt": False,
+    "continue_final_message": True,
+    "chat_template_kwargs": {"enable_thinking": True},
+}
+
+
+@pytest.mark.parametrize("field", sorted(VLLM_ASKS))
+def test_vllm_extensions_are_refused_never_ignored(client: openai.OpenAI, field: str) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=BASE, messages=MESSAGES, max_tokens=2, extra_body={field: VLLM_ASKS[field]}
+        )
+    err = e.value.body
+    assert err["param"] == field and err["code"] == "unsupported_parameter", err
+    assert field in err["message"]
+
+
+def test_vllm_extensions_at_their_off_value_are_accepted(client: openai.OpenAI) -> None:
+    off = {"repetition_penalty": 1.0, "min_tokens": 0, "include_stop_str_in_output": False,
+           "skip_special_tokens": True, "echo": False, "add_generation_prompt": True,
+           "continue_final_message": False, "guided_json": None, "min_p": 0}  # fmt: skip
+    r = client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2,
+                                       extra_body=off)  # fmt: skip
+    assert r.usage.completion_tokens == 2
+    off = {"repetition_penalty": 1, "min_tokens": 0}
+    r = client.completions.create(model=BASE, prompt="Hi", max_tokens=2, extra_body=off)
+    assert r.usage.completion_tokens == 2
+
+
+def test_unknown_fields_are_a_400_naming_them(client: openai.OpenAI) -> None:
+    for call in (
+        lambda b: client.chat.completions.create(model=BASE, messages=MESSAGES, extra_body=b),
+        lambda b: client.completions.create(model=BASE, prompt="Hi", extra_body=b),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            call({"some_future_field": {"x": 1}})
+        assert e.value.body["param"] == "some_future_field", e.value.body
+        assert e.value.body["code"] == "extra_forbidden"
+    with pytest.raises(openai.BadRequestError) as e:  # completions: a vLLM field refused too
+        client.completions.create(model=BASE, prompt="Hi", extra_body={"guided_regex": "a+"})
+    assert e.value.body["param"] == "guided_regex"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=BASE, messages=MESSAGES, stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )  # fmt: skip
+    assert e.value.body["param"] == "stream_options.continuous_usage_stats"

@@ -55,6 +55,13 @@ class ChatCompletionMessageParam(RequestModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
+CHAT_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "echo": (None, False), "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False), "chat_template": (None,),
+    "chat_template_kwargs": (None, {}), "documents": (None,),
+}  # fmt: skip
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatCompletionMessageParam] = Field(
         min_length=1, description="the conversation (capped by the server's max_messages)"
@@ -74,6 +81,18 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none'/'auto'")
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
+    modalities: list[str] | None = Field(None, description="only ['text']")
+    # vLLM's chat extensions (refused unless off; see protocol/common.py)
+    echo: Any = Field(None, description="vLLM extension, not supported: only false is accepted")
+    add_generation_prompt: Any = Field(
+        None, description="vLLM extension, not supported: only true is accepted"
+    )
+    continue_final_message: Any = Field(
+        None, description="vLLM extension, not supported: only false is accepted"
+    )
+    chat_template: Any = Field(None, description="vLLM extension, not supported: only null")
+    chat_template_kwargs: Any = Field(None, description="vLLM extension, not supported: only {}")
+    documents: Any = Field(None, description="vLLM extension, not supported: only null")
 
     def requested_max_tokens(self) -> int | None:
         return (
@@ -84,6 +103,12 @@ class ChatCompletionRequest(SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
+        self.check_vllm_extensions(CHAT_OFF_VALUES)
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise APIError(
+                "only the text modality is supported", param="modalities",
+                code="unsupported_parameter",
+            )  # fmt: skip
         if self.logprobs or self.top_logprobs:
             raise APIError(
                 "logprobs are not supported by this server",

@@ -1,7 +1,11 @@
 """Types shared by /v1/chat/completions and /v1/completions: sampling fields, usage, traces.
 
 Request models are strict (JSON types are not coerced: `"n": "2"` or `"stream": "yes"` is a 400
-naming the field) and ignore unknown fields, as OpenAI-compatible servers commonly do.
+naming the field) and no field is ever silently ignored: an unknown field is a 400 naming it
+(`extra_forbidden`); vLLM's extension fields this server does not implement are declared so that
+their "off" value is accepted and any other value is a 400 `unsupported_parameter` naming the
+field (code written for vLLM must not get plausible but unconstrained output); OpenAI fields
+with no effect here (`metadata`, `service_tier`, …) are accepted and documented as such.
 """
 
 from __future__ import annotations
@@ -22,16 +26,79 @@ def _none(value: Any) -> bool:
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(RequestModel):
     include_usage: bool = Field(
         False, description="send a last chunk with `usage` (and `choices: []`) before [DONE]"
     )
+    continuous_usage_stats: bool = Field(False, description="vLLM extension; only false")
 
 
-class MaraExtensions(RequestModel):
+def _unsupported(off: str) -> Any:
+    return Field(None, description=f"vLLM extension, not supported: only {off} is accepted")
+
+
+# vLLM extension field → the values that mean "off" (accepted; anything else is refused).
+VLLM_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,),
+    "guided_choice": (None,), "guided_grammar": (None,), "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,), "repetition_penalty": (None, 1.0),
+    "min_tokens": (None, 0), "min_p": (None, 0.0), "include_stop_str_in_output": (None, False),
+    "return_token_ids": (None, False), "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None,), "allowed_token_ids": (None,), "bad_words": (None, []),
+    "logits_processors": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
+    "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
+}  # fmt: skip
+
+
+def _is_off(value: Any, off: tuple[Any, ...]) -> bool:
+    # `True == 1` in Python: a bool only matches a bool
+    return any(value is o or (type(value) is type(o) and value == o)
+               or (isinstance(o, float) and type(value) is int and value == o)
+               for o in off)  # fmt: skip
+
+
+class VllmExtensions(RequestModel):
+    """vLLM's sampling extensions, declared only to be refused clearly (see the module doc)."""
+
+    structured_outputs: Any = _unsupported("null")
+    guided_json: Any = _unsupported("null")
+    guided_regex: Any = _unsupported("null")
+    guided_choice: Any = _unsupported("null")
+    guided_grammar: Any = _unsupported("null")
+    guided_decoding_backend: Any = _unsupported("null")
+    guided_whitespace_pattern: Any = _unsupported("null")
+    repetition_penalty: Any = _unsupported("1.0")
+    min_tokens: Any = _unsupported("0")
+    min_p: Any = _unsupported("0.0")
+    include_stop_str_in_output: Any = _unsupported("false")
+    return_token_ids: Any = _unsupported("false")
+    truncate_prompt_tokens: Any = _unsupported("null")
+    prompt_logprobs: Any = _unsupported("null")
+    allowed_token_ids: Any = _unsupported("null")
+    bad_words: Any = _unsupported("[]")
+    logits_processors: Any = _unsupported("null")
+    use_beam_search: Any = _unsupported("false")
+    length_penalty: Any = _unsupported("1.0")
+    skip_special_tokens: Any = _unsupported("true (special tokens are always skipped)")
+    spaces_between_special_tokens: Any = _unsupported("true")
+
+    def check_vllm_extensions(self, off_values: dict[str, tuple[Any, ...]]) -> None:
+        for name, off in off_values.items():
+            value = getattr(self, name)
+            if not _is_off(value, off):
+                raise APIError(
+                    f"{name} (a vLLM extension) is not supported by this server; "
+                    f"omit it or send {off[-1]!r}".replace("None", "null")
+                    .replace("True", "true").replace("False", "false"),
+                    param=name,
+                    code="unsupported_parameter",
+                )  # fmt: skip
+
+
+class MaraExtensions(VllmExtensions):
     """Non-OpenAI request fields (openai SDK: `extra_body={...}`)."""
 
     top_k: int | None = Field(
@@ -74,6 +141,12 @@ class SamplingRequest(MaraExtensions):
         None, gt=0.0, le=1.0, description="nucleus; unset = 1 (MARA mode: MARA's 0.95)"
     )
     user: str | None = None
+    # OpenAI fields with no effect on this server (accepted so OpenAI clients work unchanged)
+    metadata: dict[str, str] | None = Field(None, description="accepted; no effect")
+    store: bool | None = Field(None, description="accepted; nothing is stored")
+    service_tier: str | None = Field(None, description="accepted; no effect (one tier)")
+    prompt_cache_key: str | None = Field(None, description="accepted; prefix caching is automatic")
+    safety_identifier: str | None = Field(None, description="accepted; no effect")
 
     @field_validator("stream_options")
     @classmethod
@@ -93,6 +166,14 @@ class SamplingRequest(MaraExtensions):
 
     def check_supported(self) -> None:
         """Refuse knobs we accept on the wire but do not implement (never ignore them)."""
+        self.check_vllm_extensions(VLLM_OFF_VALUES)
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise APIError(
+                "stream_options.continuous_usage_stats (a vLLM extension) is not supported by "
+                "this server; use include_usage",
+                param="stream_options.continuous_usage_stats",
+                code="unsupported_parameter",
+            )
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
                 raise APIError(
