@@ -42,6 +42,10 @@ class TokenTrace:
     candidates: tuple[int, ...] = ()
     accept_probs: tuple[float, ...] = ()
     llm_probs: tuple[float, ...] = ()  # the model's renormalised top-k probs of `candidates`
+    # With SamplingParams.logprobs: the token's log-probability under the model (full
+    # vocabulary, sampling.token_logprobs) and the top alternatives as (token id, logprob).
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
     @property
     def evaluated(self) -> int:
@@ -54,6 +58,7 @@ class TokenTrace:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["logprob"], d["top_logprobs"]  # reported as OpenAI `logprobs`, not in the trace
         for key in ("candidates", "accept_probs", "llm_probs"):
             d[key] = list(d[key])
         d["evaluated"], d["rejected"] = self.evaluated, self.rejected

@@ -13,6 +13,8 @@ import torch
 
 from mara_serve.engine.errors import InvalidRequestError
 
+MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs bound)
+
 MARA_DEFAULT_TOP_K = 40
 MARA_DEFAULT_TOP_P = 0.95
 
@@ -27,6 +29,9 @@ class SamplingParams:
     top_p: float | None = None
     temperature: float = 1.0
     seed: int | None = None
+    # Log-probabilities of each emitted token and of the `logprobs` most likely tokens at its
+    # step (0: the emitted token's only); None: off. See `token_logprobs`.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -37,6 +42,8 @@ class SamplingParams:
             raise InvalidRequestError("top_p must be in (0, 1]", "top_p")
         if self.temperature < 0.0:
             raise InvalidRequestError("temperature must be >= 0", "temperature")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}]", "logprobs")
 
     def mara_top_k(self) -> int:
         return MARA_DEFAULT_TOP_K if self.top_k is None else self.top_k
@@ -78,3 +85,18 @@ def sample_token(
         scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
     probs = scores.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_id: int, n: int
+) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The model's log-probability of `token_id` and its `n` most likely tokens, from the
+    logits (V,) the token was chosen from: `log_softmax` in float32 over the whole vocabulary,
+    before temperature, top-k/top-p or MARA's candidate renormalisation — the base model's own
+    view, so a client sees how far sampling or the agent moved from the model's choice."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top: tuple[tuple[int, float], ...] = ()
+    if n:
+        vals, ids = torch.topk(logp, min(n, logp.numel()))
+        top = tuple(zip(ids.tolist(), vals.tolist(), strict=True))
+    return float(logp[token_id]), top

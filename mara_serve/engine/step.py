@@ -22,7 +22,7 @@ import torch
 from mara_serve.engine.candidates import select_candidates_batch
 from mara_serve.engine.request import TokenTrace
 from mara_serve.engine.runner import ModelRunner
-from mara_serve.engine.sampling import sample_token
+from mara_serve.engine.sampling import sample_token, token_logprobs
 from mara_serve.engine.sequence import Sequence
 
 
@@ -159,16 +159,21 @@ def decode_step(
     logits = runner.logits(torch.stack(chosen_hidden))  # (B, V)
     traces = []
     for i, (s, row) in enumerate(zip(seqs, rows, strict=True)):
+        token = row.cands[row.chosen]
+        logprob, top = None, ()
+        if s.params.logprobs is not None:  # from the logits this token was chosen from
+            logprob, top = token_logprobs(s.next_logits, token, s.params.logprobs)
         s.next_logits = logits[i]
         if row.needs_agent:
             s.rank0_rate = 0.8 * s.rank0_rate + 0.2 * (row.chosen == 0 and not row.fallback)
             s.fallback_rate = 0.8 * s.fallback_rate + 0.2 * row.fallback
         traces.append(TokenTrace(
-            token_id=row.cands[row.chosen], num_candidates=len(row.cands),
+            token_id=token, num_candidates=len(row.cands),
             accepted_rank=row.chosen,
             accept_prob=None if not row.judged or row.fallback else row.judged_probs[-1],
             fallback=row.fallback, candidates=tuple(row.judged),
             accept_probs=tuple(row.judged_probs), llm_probs=tuple(row.probs[: len(row.judged)]),
+            logprob=logprob, top_logprobs=top,
         ))  # fmt: skip
     return traces
 

@@ -30,6 +30,7 @@ from mara_serve.server.serving.agents import AgentAdmin
 from mara_serve.server.serving.chat import ChatServing
 from mara_serve.server.serving.completion import CompletionServing
 from mara_serve.server.serving.context import ServingContext
+from mara_serve.server.serving.logprobs import LogprobRenderer
 from mara_serve.server.serving.models import ServedModels
 from mara_serve.server.serving.trace import TraceRenderer
 from mara_serve.server.settings import Settings
@@ -107,6 +108,7 @@ def wire(state: ServerState, engine: AsyncEngine) -> Services:
         max_model_len=engine.engine.max_model_len,
         vocab_size=lm.vocab_size,
         traces=TraceRenderer(lm.tokenizer),
+        logprobs=LogprobRenderer(lm.tokenizer),
     )
     return Services(
         engine=engine, lm=lm, registry=registry, models=models, agents=admin,

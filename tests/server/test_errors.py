@@ -131,7 +131,8 @@ CASES = [
         "logit_bias",
         "unsupported_parameter",
     ),
-    ("logprobs-unsupported", chat(logprobs=True), 400, "logprobs", "unsupported_parameter"),
+    ("top-logprobs-without-logprobs", chat(top_logprobs=2), 400, "top_logprobs", None),
+    ("top-logprobs-too-many", chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
     (
         "tools-unsupported",
         chat(tools=[{"type": "function", "function": {"name": "f"}}]),
@@ -152,7 +153,15 @@ CASES = [
     ("completion-empty-prompt", completion(prompt=""), 400, "prompt", None),
     ("completion-too-many-prompts", completion(prompt=["a"] * 65), 400, "prompt", None),
     ("completion-suffix", completion(suffix="x"), 400, "suffix", "unsupported_parameter"),
-    ("completion-logprobs", completion(logprobs=2), 400, "logprobs", "unsupported_parameter"),
+    ("completion-logprobs-too-many", completion(logprobs=6), 400, "logprobs", None),
+    (
+        "completion-logprobs-with-echo",
+        completion(logprobs=2, echo=True),
+        400,
+        "echo",
+        "unsupported_parameter",
+    ),
+    ("unknown-field", chat(some_future_field=1), 400, "some_future_field", "extra_forbidden"),
     ("completion-best-of", completion(best_of=3), 400, "best_of", "unsupported_parameter"),
     ("completion-echo-a-string", completion(echo="yes"), 400, "echo", None),
 ]

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from mara_serve.server.errors import APIError
 from mara_serve.server.protocol.common import (
+    ChatChoiceLogprobs,
     MaraTokenTrace,
     RequestModel,
     SamplingRequest,
@@ -75,8 +76,12 @@ class ChatCompletionRequest(SamplingRequest):
         description="tokens to generate; unset = the rest of the context "
         "(or the server's max_tokens_default)",
     )
-    logprobs: bool | None = Field(None, description="not supported")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="not supported")
+    logprobs: bool | None = Field(
+        None, description="return each token's log-probability under the base model"
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="most likely alternatives per token (needs logprobs)"
+    )
     tools: list[dict[str, Any]] | None = Field(None, description="not supported (must be empty)")
     tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none'/'auto'")
     parallel_tool_calls: bool | None = None
@@ -94,6 +99,9 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: Any = Field(None, description="vLLM extension, not supported: only {}")
     documents: Any = Field(None, description="vLLM extension, not supported: only null")
 
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def requested_max_tokens(self) -> int | None:
         return (
             self.max_completion_tokens
@@ -109,12 +117,8 @@ class ChatCompletionRequest(SamplingRequest):
                 "only the text modality is supported", param="modalities",
                 code="unsupported_parameter",
             )  # fmt: skip
-        if self.logprobs or self.top_logprobs:
-            raise APIError(
-                "logprobs are not supported by this server",
-                param="logprobs",
-                code="unsupported_parameter",
-            )
+        if self.top_logprobs and not self.logprobs:
+            raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
         if self.tools:
             raise APIError(
                 "tools are not supported by this server (no tool calling)",
@@ -144,7 +148,7 @@ class ChatCompletionResponseChoice(BaseModel):
     index: int
     message: ChatMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
     mara_trace: list[MaraTokenTrace] | None = trace_field()
 
 
@@ -167,7 +171,7 @@ class ChatCompletionResponseStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
     mara_trace: list[MaraTokenTrace] | None = trace_field()
 
 

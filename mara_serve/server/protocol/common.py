@@ -188,6 +188,10 @@ class SamplingRequest(MaraExtensions):
                 code="unsupported_parameter",
             )
 
+    def logprobs_count(self) -> int | None:
+        """Alternatives per token for the engine (None: no logprobs); per endpoint."""
+        return None
+
     def to_sampling_params(self, max_new_tokens: int, choice: int = 0) -> SamplingParams:
         """Engine parameters of choice `choice` (seeded choices get distinct seeds)."""
         seed = None if self.seed is None else (self.seed + choice) % _SEED_SPAN
@@ -199,7 +203,30 @@ class SamplingRequest(MaraExtensions):
             top_p=self.top_p,
             temperature=1.0 if self.temperature is None else self.temperature,
             seed=seed,
+            logprobs=self.logprobs_count(),
         )
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class UsageInfo(BaseModel):

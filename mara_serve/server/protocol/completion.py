@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from mara_serve.server.errors import APIError
 from mara_serve.server.protocol.common import (
+    CompletionLogprobs,
     MaraTokenTrace,
     SamplingRequest,
     UsageInfo,
@@ -28,7 +29,9 @@ class CompletionRequest(SamplingRequest):
         16, ge=1, description="tokens to generate (OpenAI's default 16; null = rest of context)"
     )
     echo: bool = Field(False, description="prepend the prompt text to each choice")
-    logprobs: int | None = Field(None, ge=0, le=5, description="not supported")
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="log-probabilities of each token and this many alternatives"
+    )
     suffix: str | None = Field(None, description="not supported")
     best_of: int | None = Field(None, ge=1, description="only equal to n")
 
@@ -65,12 +68,16 @@ class CompletionRequest(SamplingRequest):
             return [p]  # type: ignore[list-item]
         return list(p)  # type: ignore[arg-type]
 
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
+
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs is not None:
+        if self.logprobs is not None and self.echo:
             raise APIError(
-                "logprobs are not supported by this server",
-                param="logprobs",
+                "logprobs with echo (the prompt's log-probabilities) is not supported by this "
+                "server",
+                param="echo",
                 code="unsupported_parameter",
             )
         if self.suffix:
@@ -91,7 +98,7 @@ class CompletionResponseChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     mara_trace: list[MaraTokenTrace] | None = trace_field()
 
 
@@ -109,7 +116,7 @@ class CompletionResponseStreamChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     mara_trace: list[MaraTokenTrace] | None = trace_field()
 
 

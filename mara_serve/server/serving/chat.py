@@ -71,10 +71,11 @@ class ChatServing(EndpointServing):
     ) -> ChatCompletionResponse:
         choices = [
             ChatCompletionResponseChoice(
-                index=i, message=ChatMessage(content=text), finish_reason=finish,
-                mara_trace=self.render_traces(body, traces),
+                index=i, message=ChatMessage(content=r.text), finish_reason=r.finish_reason,
+                mara_trace=self.render_traces(body, r.traces),
+                logprobs=self.ctx.logprobs.chat(r.text_traces) if body.logprobs else None,
             )
-            for i, (text, traces, finish) in enumerate(results)
+            for i, r in enumerate(results)
         ]  # fmt: skip
         return ChatCompletionResponse(
             id=gen.request_id, created=created, model=body.model, choices=choices,
@@ -92,9 +93,13 @@ class ChatServing(EndpointServing):
 
         def delta_choices(d: ChoiceDelta, traces: object) -> list[StreamChoice]:
             out = []
-            if d.text or traces:
+            logprobs = (
+                self.ctx.logprobs.chat(d.text_traces) if body.logprobs and d.text_traces else None
+            )
+            if d.text or traces or logprobs:
                 delta = DeltaMessage(content=d.text)
-                out.append(StreamChoice(index=d.index, delta=delta, mara_trace=traces))
+                out.append(StreamChoice(index=d.index, delta=delta, mara_trace=traces,
+                                        logprobs=logprobs))  # fmt: skip
             if d.finish_reason is not None:
                 out.append(StreamChoice(index=d.index, delta=DeltaMessage(),
                                         finish_reason=d.finish_reason))  # fmt: skip

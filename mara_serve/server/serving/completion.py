@@ -82,12 +82,14 @@ class CompletionServing(EndpointServing):
         results: Results,
         created: int,
     ) -> CompletionResponse:
+        want_logprobs = body.logprobs is not None
         choices = [
             CompletionResponseChoice(
-                index=i, text=echoes[i] + text, finish_reason=finish,
-                mara_trace=self.render_traces(body, traces),
+                index=i, text=echoes[i] + r.text, finish_reason=r.finish_reason,
+                mara_trace=self.render_traces(body, r.traces),
+                logprobs=self.ctx.logprobs.completion(r.text_traces, 0) if want_logprobs else None,
             )
-            for i, (text, traces, finish) in enumerate(results)
+            for i, r in enumerate(results)
         ]  # fmt: skip
         return CompletionResponse(
             id=gen.request_id, created=created, model=body.model, choices=choices,
@@ -103,10 +105,18 @@ class CompletionServing(EndpointServing):
                 usage=usage,
             ).model_dump_json())  # fmt: skip
 
+        offsets = [0] * len(gen.choices)  # text_offset of each choice's next token
+
         def delta_choices(d: ChoiceDelta, traces: object) -> list[StreamChoice]:
             out = []
-            if d.text or traces:
-                out.append(StreamChoice(index=d.index, text=d.text, mara_trace=traces))
+            logprobs = None
+            if body.logprobs is not None and d.text_traces:
+                logprobs = self.ctx.logprobs.completion(d.text_traces, offsets[d.index])
+                last = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+                offsets[d.index] = last
+            if d.text or traces or logprobs:
+                out.append(StreamChoice(index=d.index, text=d.text, mara_trace=traces,
+                                        logprobs=logprobs))  # fmt: skip
             if d.finish_reason is not None:
                 out.append(StreamChoice(index=d.index, text="", finish_reason=d.finish_reason))
             return out

@@ -25,6 +25,7 @@ from mara_serve.server.metrics import RequestTracker, ServerMetrics
 from mara_serve.server.protocol.common import SamplingRequest
 from mara_serve.server.serving.generation import ChoiceState
 from mara_serve.server.serving.inflight import InflightRequests
+from mara_serve.server.serving.logprobs import LogprobRenderer
 from mara_serve.server.serving.models import ServedModels
 from mara_serve.server.serving.trace import TraceRenderer
 from mara_serve.server.settings import Settings
@@ -43,6 +44,7 @@ class ServingContext:
     max_model_len: int
     vocab_size: int
     traces: TraceRenderer
+    logprobs: LogprobRenderer
 
     def check_limits(self, request: SamplingRequest) -> None:
         s = self.settings

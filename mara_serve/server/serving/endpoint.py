@@ -24,10 +24,15 @@ from mara_serve.engine.request import TokenTrace
 from mara_serve.server.errors import APIError
 from mara_serve.server.protocol.common import SamplingRequest, UsageInfo
 from mara_serve.server.serving.context import ServingContext
-from mara_serve.server.serving.generation import ChoiceDelta, ChoiceState, Generation
+from mara_serve.server.serving.generation import (
+    ChoiceDelta,
+    ChoiceResult,
+    ChoiceState,
+    Generation,
+)
 from mara_serve.server.serving.transport import DONE, SSEResponse, error_event, json_response
 
-Results = list[tuple[str, list[TokenTrace], str]]  # per choice: text, traces, finish reason
+Results = list[ChoiceResult]
 ChunkFn = Callable[[list[Any], UsageInfo | None], bytes]
 
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from mara_serve.engine.async_engine import AsyncEngine, RequestStream
 from mara_serve.engine.errors import RequestAbortedError
@@ -35,8 +35,18 @@ log = logging.getLogger(__name__)
 class ChoiceDelta:
     index: int
     text: str
-    traces: list[TokenTrace]
+    traces: list[TokenTrace]  # every token of the delta (mara_trace), the final EOS included
     finish_reason: str | None  # "stop" | "length" on the choice's last delta
+    text_traces: list[TokenTrace]  # the tokens that belong to the text (logprobs)
+
+
+class ChoiceResult(NamedTuple):
+    """One choice of a non-streamed response."""
+
+    text: str
+    traces: list[TokenTrace]
+    finish_reason: str
+    text_traces: list[TokenTrace]
 
 
 class ChoiceState:
@@ -82,7 +92,8 @@ class ChoiceState:
             self.finish_reason = "stop"
         elif out.finished:
             self.finish_reason = out.finish_reason
-        return ChoiceDelta(self.index, text, out.traces, self.finish_reason)
+        return ChoiceDelta(self.index, text, out.traces, self.finish_reason,
+                           out.traces[: len(ids)])  # fmt: skip
 
 
 class Generation:
@@ -172,21 +183,23 @@ class Generation:
         stopped = isinstance(exc, RequestAbortedError | RequestTimeoutError)
         self.status = "aborted" if stopped else "error"
 
-    async def collect(self) -> list[tuple[str, list[TokenTrace], str]]:
-        """Run to the end; per choice (text, traces, finish_reason)."""
+    async def collect(self) -> list[ChoiceResult]:
+        """Run to the end; per choice (text, traces, finish_reason, text_traces)."""
         texts: list[list[str]] = [[] for _ in self.choices]
         traces: list[list[TokenTrace]] = [[] for _ in self.choices]
+        text_traces: list[list[TokenTrace]] = [[] for _ in self.choices]
         try:
             async for d in self.deltas():
                 texts[d.index].append(d.text)
                 traces[d.index] += d.traces
+                text_traces[d.index] += d.text_traces
         except Exception as e:
             self.mark_failed(e)
             raise
         self.mark("success")
         return [
-            ("".join(t), tr, c.finish_reason or "stop")
-            for t, tr, c in zip(texts, traces, self.choices, strict=True)
+            ChoiceResult("".join(t), tr, c.finish_reason or "stop", tt)
+            for t, tr, c, tt in zip(texts, traces, self.choices, text_traces, strict=True)
         ]
 
     async def aclose(self) -> None:

@@ -1,0 +1,99 @@
+"""OpenAI `logprobs` through the real SDK: shapes, values checked against the model's own
+log-softmax, streaming equal to non-streaming, and MARA's distance from the model's choice."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+
+from mara_serve.engine.loading import LoadedModel
+
+BASE = "tiny-llama"
+MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0)
+
+
+def model_logprobs(lm: LoadedModel, prompt: list[int], generated: list[int]) -> list[torch.Tensor]:
+    """log_softmax (float32, full vocabulary) of the model at each generated token's step."""
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([prompt + generated])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return [logp[len(prompt) - 1 + j] for j in range(len(generated))]
+
+
+def test_completion_logprobs_are_the_models_log_softmax(client, tiny_lm) -> None:
+    prompt = [0, 5, 9, 3, 7]
+    r = client.completions.create(model=BASE, prompt=prompt, max_tokens=6, temperature=0,
+                                  logprobs=3, extra_body={"ignore_eos": True})  # fmt: skip
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(6)]
+    gen: list[int] = []  # the model's own greedy tokens, step by step
+    for _ in range(6):
+        gen.append(int(torch.argmax(model_logprobs(tiny_lm, prompt + gen, [0])[0])))
+    want = model_logprobs(tiny_lm, prompt, gen)
+    for j in range(6):
+        assert lp.token_logprobs[j] == pytest.approx(float(want[j][gen[j]]), abs=1e-4)
+        top = torch.topk(want[j], 3)
+        got = lp.top_logprobs[j]
+        assert len(got) == 3
+        assert sorted(got.values(), reverse=True) == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert r.choices[0].text == tiny_lm.tokenizer.decode(gen)
+
+
+def test_chat_logprobs_shape_stream_equals_full(client) -> None:
+    kwargs = dict(model=BASE, messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True,
+                  top_logprobs=2, extra_body={"ignore_eos": True})  # fmt: skip
+    full = client.chat.completions.create(**kwargs)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens == 8
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        # greedy: the emitted token is the model's most likely one
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert entry.token == entry.top_logprobs[0].token
+    text = bytes(b for e in content for b in e.bytes).decode("utf-8")
+    assert text == full.choices[0].message.content
+
+    streamed = []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                streamed += choice.logprobs.content
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [
+        (e.token, round(e.logprob, 5)) for e in content
+    ]
+
+
+def test_mara_logprobs_show_the_agents_distance_from_the_model(client) -> None:
+    r = client.chat.completions.create(
+        model="half", messages=MESSAGES, max_tokens=16, logprobs=True, top_logprobs=1,
+        extra_body={"ignore_eos": True, "mara_trace": True},
+    )  # fmt: skip
+    content = r.choices[0].logprobs.content
+    trace = r.choices[0].model_extra["mara_trace"]
+    assert len(content) == 16
+    moved = [e for e, t in zip(content, trace, strict=True) if t["accepted_rank"] > 0]
+    assert moved, "the half agent rejected some top-1 candidates"
+    for e in moved:  # the agent emitted a token the model ranked below its top-1
+        assert e.logprob < e.top_logprobs[0].logprob
+
+
+def test_logprobs_requests_that_cannot_be_served_are_400(client) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=BASE, messages=MESSAGES, top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=BASE, prompt="Hi", logprobs=1, echo=True)
+    assert e.value.body["param"] == "echo"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=BASE, messages=MESSAGES, logprobs=True,
+                                       top_logprobs=21)  # fmt: skip
+    assert e.value.body["param"] == "top_logprobs"
