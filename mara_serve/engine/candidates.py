@@ -48,7 +48,10 @@ def select_candidates_batch(
     """logits (B, V) → one ordered candidate list per row."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
     B, V = logp.shape
-    ks = [min(k, V) for k in top_k]
+    # never more candidates than tokens with a finite log-prob (a constrained row's logits are
+    # -inf outside what its grammar allows, and -inf must not become a candidate)
+    finite = torch.isfinite(logp).sum(-1).tolist()
+    ks = [min(k, V, f) for k, f in zip(top_k, finite, strict=True)]
     kmax = max(ks)
     vals, ids = torch.topk(logp, kmax, dim=-1, sorted=True)  # (B, kmax)
     kth = vals[torch.arange(B), torch.tensor(ks) - 1]  # (B,)

@@ -336,7 +336,13 @@ class LLMEngine:
                 seq.finish_reason = "error"
                 outs.append(self._final_output(seq, [], [], error=str(res) or type(res).__name__))
                 continue
-            seq.append(res[0].token_id, res[0])
+            try:
+                seq.append(res[0].token_id, res[0])
+            except Exception as e:  # its output constraint refused the token: this row only
+                log.exception("request %s: token not accepted", seq.request_id)
+                seq.finish_reason = "error"
+                outs.append(self._final_output(seq, [], [], error=str(e) or type(e).__name__))
+                continue
             outs.append(self._output(seq, [res[0].token_id], res))
         for seq in [s for s in self.running if s.finish_reason is not None]:
             self._release(seq)

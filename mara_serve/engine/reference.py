@@ -15,6 +15,7 @@ import torch
 
 from mara_serve.engine.agent import Agent
 from mara_serve.engine.candidates import select_candidates
+from mara_serve.engine.constraints import TokenConstraint, constrain_logits
 from mara_serve.engine.request import TokenTrace
 from mara_serve.engine.sampling import SamplingParams
 
@@ -26,8 +27,10 @@ def reference_generate(
     agent: Agent | None,
     params: SamplingParams = SamplingParams(),
     eos_token_ids: tuple[int, ...] = (),
+    constraint: TokenConstraint | None = None,
 ) -> tuple[list[int], list[TokenTrace]]:
-    """Greedy-accept MARA decoding (or greedy decoding without an agent) of one prompt."""
+    """Greedy-accept MARA decoding (or greedy decoding without an agent) of one prompt;
+    with a `constraint`, its disallowed tokens are masked before candidate selection."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -48,6 +51,8 @@ def reference_generate(
     traces: list[TokenTrace] = []
     while len(out_ids) < params.max_new_tokens:
         logits = model.lm_head(hidden).float()
+        if constraint is not None:
+            logits = constrain_logits(logits, constraint)
         if agent is None:
             token = int(torch.argmax(logits))
             hidden = forward([token])
@@ -79,6 +84,8 @@ def reference_generate(
                 )  # fmt: skip
         out_ids.append(trace.token_id)
         traces.append(trace)
-        if trace.token_id in stop:
+        if constraint is not None:
+            constraint.accept(trace.token_id)
+        if trace.token_id in stop or (constraint is not None and constraint.done):
             break
     return out_ids, traces

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mara_serve.engine.agent import Agent
+from mara_serve.engine.constraints import TokenConstraint
 from mara_serve.engine.sampling import SamplingParams
 
 
@@ -19,6 +20,8 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     agent: Agent | None = None  # pinned at submission: a registry swap never changes it
+    # Structured output (constraints.py): one state machine per request, never shared.
+    constraint: TokenConstraint | None = None
     arrival_time: float = field(default_factory=time.monotonic)
 
 

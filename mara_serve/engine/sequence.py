@@ -19,6 +19,7 @@ class Sequence:
         self.request = request
         self.params = request.params
         self.agent = request.agent
+        self.constraint = request.constraint
         self.slot = slot
         self.length = 0
         self.output_ids: list[int] = []
@@ -47,7 +48,9 @@ class Sequence:
         """Record an emitted token and decide whether the sequence is finished."""
         self.output_ids.append(token_id)
         self.length += 1
-        if token_id in self.stop_ids:
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
+        if token_id in self.stop_ids or (self.constraint is not None and self.constraint.done):
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.params.max_new_tokens:
             self.finish_reason = "length"

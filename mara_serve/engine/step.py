@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mara_serve.engine.candidates import select_candidates_batch
+from mara_serve.engine.constraints import constrain_logits
 from mara_serve.engine.request import TokenTrace
 from mara_serve.engine.runner import ModelRunner
 from mara_serve.engine.sampling import sample_token, token_logprobs
@@ -44,7 +45,10 @@ class _Row:
 
 
 def _candidate_rows(seqs: list[Sequence]) -> list[_Row]:
-    logits = torch.stack([s.next_logits for s in seqs])  # (B, V)
+    logits = torch.stack([s.next_logits for s in seqs])  # (B, V), a copy
+    for i, s in enumerate(seqs):
+        if s.constraint is not None:  # before candidates: the agent sees allowed tokens only
+            logits[i] = constrain_logits(logits[i], s.constraint)
     rows: list[_Row | None] = [None] * len(seqs)
     mara = [i for i, s in enumerate(seqs) if s.agent is not None]
     if mara:
