@@ -4,8 +4,8 @@ A `TokenConstraint` is a per-request state machine over token ids (the server bu
 choice from a JSON schema, a regex or a choice list; server/serving/structured.py). The engine
 masks the row's logits with `allowed()` BEFORE candidate selection, so in MARA mode the agent
 judges only tokens the grammar allows and "all rejected → top-1" emits the top-1 *allowed*
-token (docs/algorithm.md §9); after a token is emitted it `accept`s it, and once `done` (the
-grammar is complete and nothing may follow) the choice finishes with "stop".
+token; after a token is emitted it `accept`s it. A complete output allows only the
+end-of-sequence token, so the choice ends like any other, at EOS, with "stop".
 """
 
 from __future__ import annotations
@@ -22,11 +22,6 @@ class TokenConstraint(Protocol):
 
     def accept(self, token_id: int) -> None:
         """Advance past an emitted token; raises ValueError if the token was not allowed."""
-        ...
-
-    @property
-    def done(self) -> bool:
-        """The output is complete: no token may follow."""
         ...
 
 

@@ -86,6 +86,6 @@ def reference_generate(
         traces.append(trace)
         if constraint is not None:
             constraint.accept(trace.token_id)
-        if trace.token_id in stop or (constraint is not None and constraint.done):
+        if trace.token_id in stop:
             break
     return out_ids, traces

@@ -50,7 +50,7 @@ class Sequence:
         self.length += 1
         if self.constraint is not None:
             self.constraint.accept(token_id)
-        if token_id in self.stop_ids or (self.constraint is not None and self.constraint.done):
+        if token_id in self.stop_ids:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.params.max_new_tokens:
             self.finish_reason = "length"

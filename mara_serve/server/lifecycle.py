@@ -32,6 +32,7 @@ from mara_serve.server.serving.completion import CompletionServing
 from mara_serve.server.serving.context import ServingContext
 from mara_serve.server.serving.logprobs import LogprobRenderer
 from mara_serve.server.serving.models import ServedModels
+from mara_serve.server.serving.structured import StructuredOutputs
 from mara_serve.server.serving.trace import TraceRenderer
 from mara_serve.server.settings import Settings
 from mara_serve.server.state import Phase, ServerState
@@ -109,6 +110,7 @@ def wire(state: ServerState, engine: AsyncEngine) -> Services:
         vocab_size=lm.vocab_size,
         traces=TraceRenderer(lm.tokenizer),
         logprobs=LogprobRenderer(lm.tokenizer),
+        structured=StructuredOutputs(lm.tokenizer, lm.vocab_size, lm.eos_token_ids),
     )
     return Services(
         engine=engine, lm=lm, registry=registry, models=models, agents=admin,

@@ -12,26 +12,27 @@ from mara_serve.engine.reference import reference_generate
 from mara_serve.engine.request import Request
 from mara_serve.engine.sampling import SamplingParams
 
+EOS = 1  # tiny_llama's
+
 
 class EvenTokens:
-    """Only even token ids, and the output is complete after `length` tokens."""
+    """`length` even token ids, then only EOS (a complete output)."""
 
     def __init__(self, length: int):
         self.length, self.seen = length, []
 
     def allowed(self) -> torch.Tensor:
         mask = torch.zeros(VOCAB, dtype=torch.bool)
-        mask[::2] = True
+        if len(self.seen) < self.length:
+            mask[::2] = True
+        else:
+            mask[EOS] = True
         return mask
 
     def accept(self, token_id: int) -> None:
-        if token_id % 2:
+        if not self.allowed()[token_id]:
             raise ValueError(f"token {token_id} is not allowed")
         self.seen.append(token_id)
-
-    @property
-    def done(self) -> bool:
-        return len(self.seen) >= self.length
 
 
 def test_constrained_rows_match_the_reference_and_only_emit_allowed_tokens(agents):
@@ -51,10 +52,11 @@ def test_constrained_rows_match_the_reference_and_only_emit_allowed_tokens(agent
         assert ids == want, r.request_id
         if r.constraint is None:
             continue
-        assert all(t % 2 == 0 for t in ids) and len(ids) == 6 + i and reason == "stop"
+        assert all(t % 2 == 0 for t in ids[:-1]) and len(ids) == 7 + i and reason == "stop"
+        assert ids[-1] == EOS
         for t in traces:  # the agent was only ever offered allowed tokens
             assert all(c % 2 == 0 for c in t.candidates)
     reject = results["r1"][1]
     assert any(t.fallback for t in reject)
-    for t in reject:  # all rejected → the top-1 allowed token (even), never the model's top-1
+    for t in reject[:-1]:  # all rejected → the top-1 allowed token (even)
         assert t.fallback and t.token_id == t.candidates[0]

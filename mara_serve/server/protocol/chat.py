@@ -85,7 +85,9 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[dict[str, Any]] | None = Field(None, description="not supported (must be empty)")
     tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none'/'auto'")
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
+    response_format: dict[str, Any] | None = Field(
+        None, description="text, json_object or json_schema (the output follows the schema)"
+    )
     modalities: list[str] | None = Field(None, description="only ['text']")
     # vLLM's chat extensions (refused unless off; see protocol/common.py)
     echo: Any = Field(None, description="vLLM extension, not supported: only false is accepted")
@@ -129,12 +131,6 @@ class ChatCompletionRequest(SamplingRequest):
             raise APIError(
                 "tool_choice is not supported by this server",
                 param="tool_choice",
-                code="unsupported_parameter",
-            )
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(
-                "only response_format {'type': 'text'} is supported",
-                param="response_format",
                 code="unsupported_parameter",
             )
 

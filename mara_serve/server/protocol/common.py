@@ -42,8 +42,7 @@ def _unsupported(off: str) -> Any:
 
 # vLLM extension field → the values that mean "off" (accepted; anything else is refused).
 VLLM_OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,),
-    "guided_choice": (None,), "guided_grammar": (None,), "guided_decoding_backend": (None,),
+    "guided_grammar": (None,), "guided_decoding_backend": (None,),
     "guided_whitespace_pattern": (None,), "repetition_penalty": (None, 1.0),
     "min_tokens": (None, 0), "min_p": (None, 0.0), "include_stop_str_in_output": (None, False),
     "return_token_ids": (None, False), "truncate_prompt_tokens": (None,),
@@ -61,12 +60,14 @@ def _is_off(value: Any, off: tuple[Any, ...]) -> bool:
 
 
 class VllmExtensions(RequestModel):
-    """vLLM's sampling extensions, declared only to be refused clearly (see the module doc)."""
+    """vLLM's sampling extensions: structured outputs are implemented; the rest are declared
+    only to be refused clearly (see the module doc)."""
 
-    structured_outputs: Any = _unsupported("null")
-    guided_json: Any = _unsupported("null")
-    guided_regex: Any = _unsupported("null")
-    guided_choice: Any = _unsupported("null")
+    # implemented (server/serving/structured.py): constrain the output
+    structured_outputs: Any = Field(None, description="vLLM: {'json'|'regex'|'choice': ...}")
+    guided_json: Any = Field(None, description="vLLM: a JSON schema the output follows")
+    guided_regex: Any = Field(None, description="vLLM: a regex the output matches")
+    guided_choice: Any = Field(None, description="vLLM: the output is one of these strings")
     guided_grammar: Any = _unsupported("null")
     guided_decoding_backend: Any = _unsupported("null")
     guided_whitespace_pattern: Any = _unsupported("null")

@@ -52,6 +52,7 @@ class ChatServing(EndpointServing):
             )
 
         async def build(request_id: str, agent: AgentEntry | None) -> list[ChoiceState]:
+            grammar = await ctx.output_grammar(body)
             prompt = await ctx.tokenize_chat([m.to_template() for m in body.messages])
             param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
             max_new = ctx.max_new_tokens(
@@ -60,7 +61,7 @@ class ChatServing(EndpointServing):
             )  # fmt: skip
             return [
                 ctx.choice(i, request_id, prompt, body.to_sampling_params(max_new, i), agent,
-                           body.stop_strings())
+                           body.stop_strings(), grammar)
                 for i in range(body.n)
             ]  # fmt: skip
 

@@ -53,6 +53,7 @@ class CompletionServing(EndpointServing):
         echoes: list[str] = []
 
         async def build(request_id: str, agent: AgentEntry | None) -> list[ChoiceState]:
+            grammar = await ctx.output_grammar(body)
             choices: list[ChoiceState] = []
             for p_i, prompt in enumerate(prompts):
                 if isinstance(prompt, str):
@@ -68,7 +69,7 @@ class CompletionServing(EndpointServing):
                     index = p_i * body.n + j
                     params = body.to_sampling_params(max_new, index)
                     choices.append(ctx.choice(index, request_id, ids, params, agent,
-                                              body.stop_strings()))  # fmt: skip
+                                              body.stop_strings(), grammar))  # fmt: skip
                     echoes.append(echo)
             return choices
 

@@ -8,6 +8,7 @@ prompt does not stall every other stream on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from mara_serve.server.serving.generation import ChoiceState
 from mara_serve.server.serving.inflight import InflightRequests
 from mara_serve.server.serving.logprobs import LogprobRenderer
 from mara_serve.server.serving.models import ServedModels
+from mara_serve.server.serving.structured import StructuredOutputs
 from mara_serve.server.serving.trace import TraceRenderer
 from mara_serve.server.settings import Settings
 
@@ -45,6 +47,14 @@ class ServingContext:
     vocab_size: int
     traces: TraceRenderer
     logprobs: LogprobRenderer
+    structured: StructuredOutputs
+
+    async def output_grammar(self, body: SamplingRequest) -> str | None:
+        """The request's output grammar (structured.py), built off the event loop (the first
+        one loads the tokenizer's grammar view, ~1 s)."""
+        if not self.structured.requested(body):
+            return None
+        return await asyncio.to_thread(self.structured.grammar, body)
 
     def check_limits(self, request: SamplingRequest) -> None:
         s = self.settings
@@ -76,11 +86,15 @@ class ServingContext:
         params: SamplingParams,
         agent: AgentEntry | None,
         stops: list[str],
+        grammar: str | None = None,
     ) -> ChoiceState:
-        """One choice: its engine request (pinning the agent's current version) and pipeline."""
+        """One choice: its engine request (pinning the agent's current version, with its own
+        output constraint when the request has a format) and pipeline."""
+        constraint = None if grammar is None else self.structured.constraint(grammar)
         request = Request(
-            f"{request_id}-{index}", prompt, params, None if agent is None else agent.agent
-        )
+            f"{request_id}-{index}", prompt, params, None if agent is None else agent.agent,
+            constraint=constraint,
+        )  # fmt: skip
         return ChoiceState(index, request, self.tokenizer, stops)
 
     def resolve_model(self, request: SamplingRequest) -> AgentEntry | None:
