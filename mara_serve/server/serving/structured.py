@@ -3,8 +3,9 @@ grammar, and per choice a `TokenConstraint` for the engine (engine/constraints.p
 
 The grammar engine is llguidance (MIT; a Rust core on PyPI with no further dependencies, the one
 vLLM also ships): it computes the set of allowed next tokens from the tokenizer's vocabulary in
-~90 µs per token on a CPU (SmolLM2's 49k vocabulary, a 3-field JSON schema, bench/RESULTS.md). The tokenizer's llguidance view is built once per
-server (~1 s) on first use. Sources, in OpenAI's and vLLM's spellings:
+~90 µs per token on a CPU (SmolLM2's 49k vocabulary, a 3-field JSON schema; bench/RESULTS.md).
+The tokenizer's llguidance view is built once per server (~0.4 s) on first use. Sources, in
+OpenAI's and vLLM's spellings:
 
 - `response_format: {"type": "json_object"}` → any JSON object;
 - `response_format: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`;
