@@ -109,6 +109,10 @@ class LLMEngine:
                 f"{len(ids)} prompt tokens + {request.params.max_new_tokens} new tokens were "
                 f"requested ({total}); shorten the prompt or lower max_tokens", "messages",
             )  # fmt: skip
+        if any(not 0 <= t < self.lm.vocab_size for t, _ in request.params.logit_bias):
+            raise InvalidRequestError(
+                f"logit_bias token ids must be in [0, {self.lm.vocab_size})", "logit_bias"
+            )
         agent = request.agent
         if agent is not None and request.params.mara_top_k() > MAX_CANDIDATES:
             raise InvalidRequestError(f"top_k must be <= {MAX_CANDIDATES} with an agent", "top_k")

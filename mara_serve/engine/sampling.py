@@ -32,6 +32,19 @@ class SamplingParams:
     # Log-probabilities of each emitted token and of the `logprobs` most likely tokens at its
     # step (0: the emitted token's only); None: off. See `token_logprobs`.
     logprobs: int | None = None
+    # Logit controls, applied before candidate selection (logits_processing.py): OpenAI's
+    # penalties over the generated tokens, vLLM's repetition penalty over prompt + generated
+    # tokens, per-token biases, and no end token before `min_tokens` tokens.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+
+    @property
+    def controls_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.min_tokens or self.repetition_penalty != 1.0)  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -42,6 +55,15 @@ class SamplingParams:
             raise InvalidRequestError("top_p must be in (0, 1]", "top_p")
         if self.temperature < 0.0:
             raise InvalidRequestError("temperature must be >= 0", "temperature")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2]", name)
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise InvalidRequestError("repetition_penalty must be in (0, 10]", "repetition_penalty")
+        if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            raise InvalidRequestError("logit_bias values must be in [-100, 100]", "logit_bias")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidRequestError("min_tokens must be in [0, max_tokens]", "min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}]", "logprobs")
 

@@ -346,8 +346,6 @@ def test_user_and_openai_only_fields_are_accepted(client: openai.OpenAI) -> None
 VLLM_ASKS = {
     "guided_grammar": "root ::= 'a'",
     "guided_decoding_backend": "xgrammar",
-    "repetition_penalty": 1.3,
-    "min_tokens": 4,
     "include_stop_str_in_output": True,
     "return_token_ids": True,
     "truncate_prompt_tokens": 8,
@@ -384,6 +382,22 @@ def test_vllm_extensions_at_their_off_value_are_accepted(client: openai.OpenAI) 
     assert r.usage.completion_tokens == 2
 
 
+def test_penalties_and_logit_bias_through_the_sdk(client: openai.OpenAI) -> None:
+    base = dict(model=BASE, messages=MESSAGES, max_tokens=6, temperature=0,
+                extra_body={"ignore_eos": True})  # fmt: skip
+    forced = client.chat.completions.create(**base, logit_bias={"7": 100})
+    text = forced.choices[0].message.content
+    plain = client.chat.completions.create(**base).choices[0].message.content
+    assert text != plain and forced.usage.completion_tokens == 6
+    penalised = client.chat.completions.create(
+        **base, logit_bias={"7": 100}, frequency_penalty=2, presence_penalty=2
+    )
+    assert penalised.choices[0].message.content == text  # +100 outweighs any penalty here
+    r = client.chat.completions.create(**{**base, "extra_body": {
+        "ignore_eos": True, "repetition_penalty": 1.5, "min_tokens": 2}})  # fmt: skip
+    assert r.usage.completion_tokens == 6
+
+
 def test_unknown_fields_are_a_400_naming_them(client: openai.OpenAI) -> None:
     for call in (
         lambda b: client.chat.completions.create(model=BASE, messages=MESSAGES, extra_body=b),
@@ -394,8 +408,8 @@ def test_unknown_fields_are_a_400_naming_them(client: openai.OpenAI) -> None:
         assert e.value.body["param"] == "some_future_field", e.value.body
         assert e.value.body["code"] == "extra_forbidden"
     with pytest.raises(openai.BadRequestError) as e:  # completions: a vLLM field refused too
-        client.completions.create(model=BASE, prompt="Hi", extra_body={"min_tokens": 3})
-    assert e.value.body["param"] == "min_tokens"
+        client.completions.create(model=BASE, prompt="Hi", extra_body={"min_p": 0.1})
+    assert e.value.body["param"] == "min_p"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
             model=BASE, messages=MESSAGES, stream=True,

@@ -18,6 +18,7 @@ from mara_serve.engine.sampling import SamplingParams
 from mara_serve.server.errors import APIError
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
 _SEED_SPAN = 2**64
 
 
@@ -43,8 +44,8 @@ def _unsupported(off: str) -> Any:
 # vLLM extension field → the values that mean "off" (accepted; anything else is refused).
 VLLM_OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "guided_grammar": (None,), "guided_decoding_backend": (None,),
-    "guided_whitespace_pattern": (None,), "repetition_penalty": (None, 1.0),
-    "min_tokens": (None, 0), "min_p": (None, 0.0), "include_stop_str_in_output": (None, False),
+    "guided_whitespace_pattern": (None,), "min_p": (None, 0.0),
+    "include_stop_str_in_output": (None, False),
     "return_token_ids": (None, False), "truncate_prompt_tokens": (None,),
     "prompt_logprobs": (None,), "allowed_token_ids": (None,), "bad_words": (None, []),
     "logits_processors": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
@@ -71,8 +72,16 @@ class VllmExtensions(RequestModel):
     guided_grammar: Any = _unsupported("null")
     guided_decoding_backend: Any = _unsupported("null")
     guided_whitespace_pattern: Any = _unsupported("null")
-    repetition_penalty: Any = _unsupported("1.0")
-    min_tokens: Any = _unsupported("0")
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0.0,
+        le=10.0,
+        description="vLLM: divide positive / multiply negative logits of tokens seen in the "
+        "prompt or output (1 = off)",
+    )
+    min_tokens: int | None = Field(
+        None, ge=0, description="vLLM: no end token before this many tokens"
+    )
     min_p: Any = _unsupported("0.0")
     include_stop_str_in_output: Any = _unsupported("false")
     return_token_ids: Any = _unsupported("false")
@@ -125,9 +134,15 @@ class SamplingRequest(MaraExtensions):
     """Fields /v1/chat/completions and /v1/completions share (OpenAI names and bounds)."""
 
     model: str = Field(min_length=1, description="the base model's id, or an agent's id (MARA)")
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="only 0")
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="only 0")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported (must be empty)")
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="subtract count x this from a generated token's logit"
+    )
+    presence_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="subtract this from the logit of a generated token"
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) → bias in [-100, 100] added to its logit"
+    )
     n: int = Field(1, ge=1, description="choices to generate (capped by the server's max_n)")
     seed: int | None = Field(
         None, ge=SEED_MIN, le=SEED_MAX, description="sampling seed (choice i uses seed + i)"
@@ -175,23 +190,23 @@ class SamplingRequest(MaraExtensions):
                 param="stream_options.continuous_usage_stats",
                 code="unsupported_parameter",
             )
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise APIError(
-                    f"{name} is not supported by this server (use 0 or omit it)",
-                    param=name,
-                    code="unsupported_parameter",
-                )
-        if self.logit_bias:
-            raise APIError(
-                "logit_bias is not supported by this server",
-                param="logit_bias",
-                code="unsupported_parameter",
-            )
+        self.logit_bias_items()  # 400 for a malformed key
 
     def logprobs_count(self) -> int | None:
         """Alternatives per token for the engine (None: no logprobs); per endpoint."""
         return None
+
+    def logit_bias_items(self) -> tuple[tuple[int, float], ...]:
+        items = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise APIError(
+                    f"logit_bias keys must be token ids (got {key!r})", param="logit_bias"
+                )
+            items.append((int(key), float(bias)))
+        if len(items) > MAX_LOGIT_BIAS:
+            raise APIError(f"at most {MAX_LOGIT_BIAS} logit_bias entries", param="logit_bias")
+        return tuple(items)
 
     def to_sampling_params(self, max_new_tokens: int, choice: int = 0) -> SamplingParams:
         """Engine parameters of choice `choice` (seeded choices get distinct seeds)."""
@@ -205,6 +220,11 @@ class SamplingRequest(MaraExtensions):
             temperature=1.0 if self.temperature is None else self.temperature,
             seed=seed,
             logprobs=self.logprobs_count(),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self.logit_bias_items(),
+            min_tokens=self.min_tokens or 0,
         )
 
 
