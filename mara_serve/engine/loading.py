@@ -144,14 +144,16 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     )  # fmt: skip
 
 
-def render_chat(tokenizer, messages: list[dict]) -> list[int]:
+def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Messages → prompt token ids, with the chat template rendered exactly once.
 
     The template already writes BOS where the model wants one, so the text is tokenized with
     add_special_tokens=False (the authors' code added a second BOS; docs/algorithm.md §5).
     """
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
+        )
     else:  # a base model without a template: plain "role: content" turns
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

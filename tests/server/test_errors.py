@@ -37,7 +37,13 @@ CASES = [
         "messages[0].role",
         None,
     ),
-    ("tool-role", chat(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role", None),
+    (
+        "unknown-role",
+        chat(messages=[{"role": "robot", "content": "x"}]),
+        400,
+        "messages[0].role",
+        None,
+    ),
     (
         "content-wrong-type",
         chat(messages=[{"role": "user", "content": 12}]),
@@ -126,11 +132,22 @@ CASES = [
     ("top-logprobs-without-logprobs", chat(top_logprobs=2), 400, "top_logprobs", None),
     ("top-logprobs-too-many", chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
     (
-        "tools-unsupported",
-        chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+        "tool-choice-unknown-function",
+        chat(
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        ),
         400,
-        "tools",
-        "unsupported_parameter",
+        "tool_choice",
+        None,
+    ),
+    ("tool-choice-without-tools", chat(tool_choice="required"), 400, "tool_choice", None),
+    (
+        "tool-name-invalid",
+        chat(tools=[{"type": "function", "function": {"name": "bad name!"}}]),
+        400,
+        "tools[0].function.name",
+        None,
     ),
     (
         "json-schema-without-schema",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
@@ -17,7 +18,7 @@ from mara_serve.server.protocol.common import (
     trace_field,
 )
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletionContentPartText(RequestModel):
@@ -25,12 +26,25 @@ class ChatCompletionContentPartText(RequestModel):
     text: str
 
 
+class FunctionCallParam(RequestModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object, in a string")
+
+
+class ToolCallParam(RequestModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatCompletionMessageParam(RequestModel):
     """One message. `developer` is treated as `system`; only text content is supported."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ChatCompletionContentPartText] | None = Field(None, validate_default=True)
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -51,9 +65,48 @@ class ChatCompletionMessageParam(RequestModel):
             return self.content
         return "".join(part.text for part in self.content)
 
-    def to_template(self) -> dict[str, str]:
-        """The dict a chat template renders."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+    def to_template(self) -> dict[str, Any]:
+        """The dict a chat template renders (tool calls in transformers' format)."""
+        out: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role, "content": self.text()
+        }  # fmt: skip
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"type": "function", "id": c.id,
+                 "function": {"name": c.function.name, "arguments": _arguments(c)}}
+                for c in self.tool_calls
+            ]  # fmt: skip
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _arguments(call: ToolCallParam) -> Any:
+    try:
+        return json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        return call.function.arguments
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema")
+    strict: bool | None = None
+
+
+class ToolParam(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 CHAT_OFF_VALUES: dict[str, tuple[Any, ...]] = {
@@ -82,9 +135,13 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(
         None, ge=0, le=20, description="most likely alternatives per token (needs logprobs)"
     )
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported (must be empty)")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none'/'auto'")
-    parallel_tool_calls: bool | None = None
+    tools: list[ToolParam] | None = Field(None, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="auto (default with tools), none, required, or a named function"
+    )
+    parallel_tool_calls: bool | None = Field(
+        None, description="accepted; 'required' and a named function give exactly one call"
+    )
     response_format: dict[str, Any] | None = Field(
         None, description="text, json_object or json_schema (the output follows the schema)"
     )
@@ -121,23 +178,27 @@ class ChatCompletionRequest(SamplingRequest):
             )  # fmt: skip
         if self.top_logprobs and not self.logprobs:
             raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        if self.tools:
-            raise APIError(
-                "tools are not supported by this server (no tool calling)",
-                param="tools",
-                code="unsupported_parameter",
-            )
-        if self.tool_choice not in (None, "none", "auto"):
-            raise APIError(
-                "tool_choice is not supported by this server",
-                param="tool_choice",
-                code="unsupported_parameter",
-            )
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCall):
+    index: int
 
 
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = optional_field()
 
 
 class ChatCompletionResponseChoice(BaseModel):
@@ -161,6 +222,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = optional_field()
     content: str | None = optional_field()
+    tool_calls: list[DeltaToolCall] | None = optional_field()
 
 
 class ChatCompletionResponseStreamChoice(BaseModel):

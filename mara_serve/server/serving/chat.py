@@ -8,6 +8,7 @@ after the stream began is sent in-band as `data: {"error": {...}}`, then `[DONE]
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -23,8 +24,10 @@ from mara_serve.server.protocol.chat import (
     ChatCompletionStreamResponse,
     ChatMessage,
     DeltaMessage,
+    DeltaToolCall,
 )
 from mara_serve.server.protocol.common import UsageInfo
+from mara_serve.server.serving import tools
 from mara_serve.server.serving.endpoint import EndpointServing, Results
 from mara_serve.server.serving.generation import ChoiceDelta, ChoiceState, Generation
 from mara_serve.server.serving.transport import sse_event
@@ -45,15 +48,32 @@ class ChatServing(EndpointServing):
         """Check, template and admit every choice; raises (→ 4xx/429/503) before any response."""
         ctx = self.ctx
         body.check_supported()
+        tools.check_tools(body)
         ctx.check_limits(body)
         if len(body.messages) > ctx.settings.max_messages:
             raise APIError(
                 f"at most {ctx.settings.max_messages} messages are allowed", param="messages"
             )
 
+        tool_specs = [t.model_dump(exclude_none=True) for t in body.tools or ()]
+
         async def build(request_id: str, agent: AgentEntry | None) -> list[ChoiceState]:
-            grammar = await ctx.output_grammar(body)
-            prompt = await ctx.tokenize_chat([m.to_template() for m in body.messages])
+            messages = [m.to_template() for m in body.messages]
+            native_tools = None
+            if tools.tools_active(body):
+                messages, native_tools = tools.template_messages(ctx.tokenizer, messages,
+                                                                 tool_specs)  # fmt: skip
+            if (
+                tools.tools_active(body)
+                and body.tool_choice is not None
+                and (body.tool_choice == "required" or tools.named_choice(body) is not None)
+            ):  # the call is constrained to the function's schema: it always parses
+                schema = tools.call_schema(tool_specs, tools.named_choice(body))
+                grammar = await asyncio.to_thread(ctx.structured.schema_grammar, schema,
+                                                  "tool_choice")  # fmt: skip
+            else:
+                grammar = await ctx.output_grammar(body)
+            prompt = await ctx.tokenize_chat(messages, native_tools)
             param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
             max_new = ctx.max_new_tokens(
                 len(prompt), body.requested_max_tokens(), param, "messages",
@@ -70,14 +90,17 @@ class ChatServing(EndpointServing):
     def _full(
         self, gen: Generation, body: ChatCompletionRequest, results: Results, created: int
     ) -> ChatCompletionResponse:
-        choices = [
-            ChatCompletionResponseChoice(
-                index=i, message=ChatMessage(content=r.text), finish_reason=r.finish_reason,
+        specs = [t.model_dump(exclude_none=True) for t in body.tools or ()]
+        choices = []
+        for i, r in enumerate(results):
+            calls = tools.parse_calls(r.text, specs) if tools.tools_active(body) else None
+            message = (ChatMessage(content=None, tool_calls=calls) if calls
+                       else ChatMessage(content=r.text))  # fmt: skip
+            choices.append(ChatCompletionResponseChoice(
+                index=i, message=message, finish_reason="tool_calls" if calls else r.finish_reason,
                 mara_trace=self.render_traces(body, r.traces),
                 logprobs=self.ctx.logprobs.chat(r.text_traces) if body.logprobs else None,
-            )
-            for i, r in enumerate(results)
-        ]  # fmt: skip
+            ))  # fmt: skip
         return ChatCompletionResponse(
             id=gen.request_id, created=created, model=body.model, choices=choices,
             usage=UsageInfo(**gen.usage()),
@@ -92,7 +115,13 @@ class ChatServing(EndpointServing):
                 usage=usage,
             ).model_dump_json())  # fmt: skip
 
+        buffered = tools.tools_active(body)  # a call is known only once the choice has ended
+        specs = [t.model_dump(exclude_none=True) for t in body.tools or ()]
+        held: dict[int, list[str]] = {}
+
         def delta_choices(d: ChoiceDelta, traces: object) -> list[StreamChoice]:
+            if buffered:
+                return tool_delta_choices(d, traces)
             out = []
             logprobs = (
                 self.ctx.logprobs.chat(d.text_traces) if body.logprobs and d.text_traces else None
@@ -104,6 +133,34 @@ class ChatServing(EndpointServing):
             if d.finish_reason is not None:
                 out.append(StreamChoice(index=d.index, delta=DeltaMessage(),
                                         finish_reason=d.finish_reason))  # fmt: skip
+            return out
+
+        def tool_delta_choices(d: ChoiceDelta, traces: object) -> list[StreamChoice]:
+            held.setdefault(d.index, []).append(d.text)
+            logprobs = (
+                self.ctx.logprobs.chat(d.text_traces) if body.logprobs and d.text_traces else None
+            )
+            out = []
+            if traces or logprobs:  # the trace and logprobs still stream as they come
+                out.append(StreamChoice(index=d.index, delta=DeltaMessage(), mara_trace=traces,
+                                        logprobs=logprobs))  # fmt: skip
+            if d.finish_reason is None:
+                return out
+            text = "".join(held.pop(d.index))
+            calls = tools.parse_calls(text, specs)
+            if calls:
+                delta = DeltaMessage(tool_calls=[DeltaToolCall(index=j, **c)
+                                                 for j, c in enumerate(calls)])  # fmt: skip
+            else:
+                delta = DeltaMessage(content=text)
+            out.append(StreamChoice(index=d.index, delta=delta))
+            out.append(
+                StreamChoice(
+                    index=d.index,
+                    delta=DeltaMessage(),
+                    finish_reason="tool_calls" if calls else d.finish_reason,
+                )
+            )
             return out
 
         opening = [

@@ -127,11 +127,13 @@ class ServingContext:
             )
         return requested
 
-    async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    async def tokenize_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         size = sum(len(m["content"]) for m in messages)
         try:
-            if size > _THREADPOOL_CHARS:
-                return await run_in_threadpool(render_chat, self.tokenizer, messages)
+            if size > _THREADPOOL_CHARS or tools:
+                return await run_in_threadpool(render_chat, self.tokenizer, messages, tools)
             return render_chat(self.tokenizer, messages)
         except (TemplateError, ValueError) as e:  # e.g. "roles must alternate user/assistant"
             raise APIError(

@@ -80,7 +80,6 @@ class StructuredOutputs:
     def grammar(self, body: Any) -> str | None:
         """The request's grammar (llguidance's serialised form), or None when unconstrained.
         Raises a 400 APIError for a malformed or conflicting format."""
-        from llguidance import LLMatcher
 
         sources = []
         fmt = getattr(body, "response_format", None)
@@ -104,6 +103,15 @@ class StructuredOutputs:
         param, grammar = sources[0]
         if body.ignore_eos:  # a complete output allows only EOS: it would never end
             raise APIError("ignore_eos cannot be combined with an output format", param=param)
+        return self._validated(grammar, param)
+
+    def schema_grammar(self, schema: dict[str, Any], param: str) -> str:
+        """The grammar of one JSON schema (tool calls), validated."""
+        return self._validated(_schema_grammar(schema, param), param)
+
+    def _validated(self, grammar: str, param: str) -> str:
+        from llguidance import LLMatcher
+
         error = LLMatcher.validate_grammar(grammar, self.ll_tokenizer())
         if error and not error.startswith("WARNING"):
             raise APIError(f"invalid output format: {error}", param=param)

@@ -1,0 +1,143 @@
+"""Tool calling for /v1/chat/completions: render the tools, constrain or parse the calls.
+
+Rendering: a chat template that knows tools (it renders differently when given them) gets them
+natively, with the conversation's tool calls and results in transformers' message format. A
+template that ignores them (SmolLM2's) gets them in the system message instead, with one
+instruction: to call a function, answer with only `{"name": ..., "arguments": {...}}`.
+
+Choosing: `tool_choice` "required" or a named function constrains the output with a grammar
+(structured.py) to exactly such an object whose arguments follow the function's JSON schema, so
+the call always parses — in MARA mode the agent judges only tokens that keep it valid. With
+"auto" the output is free; it is a call when it parses as one (a bare object as above, a list
+of them, or `<tool_call>…</tool_call>` blocks as Hermes/Qwen templates write) naming a known
+function. "none": the tools are not shown and no call is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from mara_serve.server.errors import APIError
+
+_TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def tools_active(body: Any) -> bool:
+    return bool(body.tools) and body.tool_choice != "none"
+
+
+def named_choice(body: Any) -> str | None:
+    choice = body.tool_choice
+    return choice.function.name if choice is not None and not isinstance(choice, str) else None
+
+
+def system_text(tools: list[dict[str, Any]]) -> str:
+    specs = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+    return (
+        "You can call these functions:\n" + specs + "\nTo call a function, answer with only a "
+        'JSON object {"name": <function name>, "arguments": <arguments object>}.'
+    )
+
+
+def template_messages(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """(messages, tools for the template): native when the template renders tools, else the
+    tools described in the system message (and tool calls / results written as text)."""
+    if _template_knows_tools(tokenizer, tools):
+        return messages, tools
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                     for c in m["tool_calls"]]  # fmt: skip
+            text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+            out.append({"role": "assistant", "content": (m.get("content") or "") + text})
+        elif m["role"] == "tool":
+            out.append({"role": "tool", "content": m.get("content") or ""})
+        else:
+            out.append({"role": m["role"], "content": m.get("content") or ""})
+    text = system_text(tools)
+    if out and out[0]["role"] == "system":
+        out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + text}
+    else:
+        out.insert(0, {"role": "system", "content": text})
+    return out, None
+
+
+def _template_knows_tools(tokenizer: Any, tools: list[dict[str, Any]]) -> bool:
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    probe = [{"role": "user", "content": "x"}]
+    try:
+        with_tools = tokenizer.apply_chat_template(probe, tools=tools, tokenize=False)
+        without = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:
+        return False
+    return with_tools != without
+
+
+def call_schema(tools: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
+    """JSON schema of one call: of the named function, or of any of the tools."""
+    options = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "arguments": t["function"].get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+        if name is None or t["function"]["name"] == name
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def parse_calls(text: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """OpenAI `tool_calls` if `text` is one or more calls of known functions, else None."""
+    names = {t["function"]["name"] for t in tools}
+    blocks = _TOOL_CALL_BLOCK.findall(text)
+    candidates: list[Any] = []
+    try:
+        if blocks:
+            candidates = [json.loads(b) for b in blocks]
+        else:
+            value = json.loads(text.strip())
+            candidates = value if isinstance(value, list) else [value]
+    except (json.JSONDecodeError, ValueError):
+        return None
+    calls = []
+    for c in candidates:
+        if not (isinstance(c, dict) and c.get("name") in names):
+            return None
+        args = c.get("arguments", c.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                return None
+        if not isinstance(args, dict):
+            return None
+        calls.append({
+            "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": c["name"], "arguments": json.dumps(args, ensure_ascii=False)},
+        })  # fmt: skip
+    return calls or None
+
+
+def check_tools(body: Any) -> None:
+    """400s for a tool_choice that cannot be served."""
+    choice = body.tool_choice
+    if choice in ("required",) or named_choice(body) is not None:
+        if not body.tools:
+            raise APIError("tool_choice needs tools", param="tool_choice")
+    name = named_choice(body)
+    if name is not None and name not in {t.function.name for t in body.tools}:
+        raise APIError(f"tool_choice names an unknown function {name!r}", param="tool_choice")
+    if tools_active(body) and (body.response_format or {}).get("type", "text") != "text":
+        raise APIError("give tools or response_format, not both", param="response_format")
