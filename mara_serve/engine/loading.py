@@ -144,7 +144,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     )  # fmt: skip
 
 
-def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+def render_chat(
+    tokenizer,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> list[int]:
     """Messages → prompt token ids, with the chat template rendered exactly once.
 
     The template already writes BOS where the model wants one, so the text is tokenized with
@@ -152,8 +158,13 @@ def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
     """
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=True
-        )
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )  # fmt: skip
     else:  # a base model without a template: plain "role: content" turns
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        if continue_final_message:
+            text = text.removesuffix("\n")
+        elif add_generation_prompt:
+            text += "assistant:"
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -346,15 +346,12 @@ def test_user_and_openai_only_fields_are_accepted(client: openai.OpenAI) -> None
 VLLM_ASKS = {
     "guided_grammar": "root ::= 'a'",
     "guided_decoding_backend": "xgrammar",
-    "include_stop_str_in_output": True,
     "return_token_ids": True,
     "truncate_prompt_tokens": 8,
     "prompt_logprobs": 1,
     "allowed_token_ids": [1, 2, 3],
     "skip_special_tokens": False,
     "echo": True,
-    "add_generation_prompt": False,
-    "continue_final_message": True,
     "chat_template_kwargs": {"enable_thinking": True},
 }
 
@@ -380,6 +377,40 @@ def test_vllm_extensions_at_their_off_value_are_accepted(client: openai.OpenAI) 
     off = {"repetition_penalty": 1, "min_tokens": 0}
     r = client.completions.create(model=BASE, prompt="Hi", max_tokens=2, extra_body=off)
     assert r.usage.completion_tokens == 2
+
+
+def test_vllm_prompt_and_stop_fields(client: openai.OpenAI, tiny_lm: LoadedModel) -> None:
+    """continue_final_message continues the assistant's text (the prompt ends inside its turn);
+    add_generation_prompt: false leaves the turn unopened; include_stop_str_in_output keeps
+    the stop string."""
+    tok = tiny_lm.tokenizer
+    turn = [*MESSAGES, {"role": "assistant", "content": "Sure, here"}]
+    r = client.chat.completions.create(model=BASE, messages=turn, max_tokens=2,
+                                       extra_body={"continue_final_message": True,
+                                                   "add_generation_prompt": False})  # fmt: skip
+    want = tok.apply_chat_template(turn, tokenize=False, continue_final_message=True)
+    assert want.endswith("Sure, here")
+    assert r.usage.prompt_tokens == len(tok(want, add_special_tokens=False)["input_ids"])
+    r = client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2,
+                                       extra_body={"add_generation_prompt": False})  # fmt: skip
+    bare = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=False)
+    assert r.usage.prompt_tokens == len(tok(bare, add_special_tokens=False)["input_ids"])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2,
+                                       extra_body={"continue_final_message": True})  # fmt: skip
+    assert e.value.body["param"] == "continue_final_message"
+
+    base = dict(model=BASE, messages=MESSAGES, max_tokens=12, temperature=0,
+                extra_body={"ignore_eos": True})  # fmt: skip
+    full = client.chat.completions.create(**base).choices[0].message.content
+    stop = full[3:5]
+    assert stop and stop not in full[:3]
+    cut = client.chat.completions.create(**base, stop=[stop]).choices[0].message.content
+    kept = client.chat.completions.create(
+        **{**base, "extra_body": {"ignore_eos": True, "include_stop_str_in_output": True}},
+        stop=[stop],
+    ).choices[0].message.content  # fmt: skip
+    assert cut == full[:3] and kept == full[:5]
 
 
 def test_penalties_and_logit_bias_through_the_sdk(client: openai.OpenAI) -> None:

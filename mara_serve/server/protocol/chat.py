@@ -110,8 +110,7 @@ class NamedToolChoice(RequestModel):
 
 
 CHAT_OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "echo": (None, False), "add_generation_prompt": (None, True),
-    "continue_final_message": (None, False), "chat_template": (None,),
+    "echo": (None, False), "chat_template": (None,),
     "chat_template_kwargs": (None, {}), "documents": (None,),
 }  # fmt: skip
 
@@ -148,11 +147,11 @@ class ChatCompletionRequest(SamplingRequest):
     modalities: list[str] | None = Field(None, description="only ['text']")
     # vLLM's chat extensions (refused unless off; see protocol/common.py)
     echo: Any = Field(None, description="vLLM extension, not supported: only false is accepted")
-    add_generation_prompt: Any = Field(
-        None, description="vLLM extension, not supported: only true is accepted"
+    add_generation_prompt: bool | None = Field(
+        None, description="vLLM: end the prompt with the assistant's turn opening (default true)"
     )
-    continue_final_message: Any = Field(
-        None, description="vLLM extension, not supported: only false is accepted"
+    continue_final_message: bool | None = Field(
+        None, description="vLLM: continue the last (assistant) message instead of a new turn"
     )
     chat_template: Any = Field(None, description="vLLM extension, not supported: only null")
     chat_template_kwargs: Any = Field(None, description="vLLM extension, not supported: only {}")
@@ -170,6 +169,17 @@ class ChatCompletionRequest(SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise APIError(
+                    "continue_final_message and add_generation_prompt cannot both be true",
+                    param="continue_final_message",
+                )
+            if self.messages[-1].role != "assistant":
+                raise APIError(
+                    "continue_final_message needs an assistant message last",
+                    param="continue_final_message",
+                )
         self.check_vllm_extensions(CHAT_OFF_VALUES)
         if self.modalities is not None and self.modalities != ["text"]:
             raise APIError(

@@ -45,7 +45,6 @@ def _unsupported(off: str) -> Any:
 VLLM_OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "guided_grammar": (None,), "guided_decoding_backend": (None,),
     "guided_whitespace_pattern": (None,), "min_p": (None, 0.0),
-    "include_stop_str_in_output": (None, False),
     "return_token_ids": (None, False), "truncate_prompt_tokens": (None,),
     "prompt_logprobs": (None,), "allowed_token_ids": (None,), "bad_words": (None, []),
     "logits_processors": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
@@ -83,7 +82,9 @@ class VllmExtensions(RequestModel):
         None, ge=0, description="vLLM: no end token before this many tokens"
     )
     min_p: Any = _unsupported("0.0")
-    include_stop_str_in_output: Any = _unsupported("false")
+    include_stop_str_in_output: bool | None = Field(
+        None, description="vLLM: end the text with the stop string that ended it"
+    )
     return_token_ids: Any = _unsupported("false")
     truncate_prompt_tokens: Any = _unsupported("null")
     prompt_logprobs: Any = _unsupported("null")

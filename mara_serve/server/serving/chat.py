@@ -73,7 +73,11 @@ class ChatServing(EndpointServing):
                                                   "tool_choice")  # fmt: skip
             else:
                 grammar = await ctx.output_grammar(body)
-            prompt = await ctx.tokenize_chat(messages, native_tools)
+            prompt = await ctx.tokenize_chat(
+                messages, native_tools, add_generation_prompt=body.add_generation_prompt
+                is not False and not body.continue_final_message,
+                continue_final_message=bool(body.continue_final_message),
+            )  # fmt: skip
             param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
             max_new = ctx.max_new_tokens(
                 len(prompt), body.requested_max_tokens(), param, "messages",
@@ -81,7 +85,7 @@ class ChatServing(EndpointServing):
             )  # fmt: skip
             return [
                 ctx.choice(i, request_id, prompt, body.to_sampling_params(max_new, i), agent,
-                           body.stop_strings(), grammar)
+                           body.stop_strings(), grammar, bool(body.include_stop_str_in_output))
                 for i in range(body.n)
             ]  # fmt: skip
 

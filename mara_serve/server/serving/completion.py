@@ -69,7 +69,8 @@ class CompletionServing(EndpointServing):
                     index = p_i * body.n + j
                     params = body.to_sampling_params(max_new, index)
                     choices.append(ctx.choice(index, request_id, ids, params, agent,
-                                              body.stop_strings(), grammar))  # fmt: skip
+                                              body.stop_strings(), grammar,
+                                              bool(body.include_stop_str_in_output)))  # fmt: skip
                     echoes.append(echo)
             return choices
 

@@ -87,6 +87,7 @@ class ServingContext:
         agent: AgentEntry | None,
         stops: list[str],
         grammar: str | None = None,
+        include_stop: bool = False,
     ) -> ChoiceState:
         """One choice: its engine request (pinning the agent's current version, with its own
         output constraint when the request has a format) and pipeline."""
@@ -95,7 +96,7 @@ class ServingContext:
             f"{request_id}-{index}", prompt, params, None if agent is None else agent.agent,
             constraint=constraint,
         )  # fmt: skip
-        return ChoiceState(index, request, self.tokenizer, stops)
+        return ChoiceState(index, request, self.tokenizer, stops, include_stop)
 
     def resolve_model(self, request: SamplingRequest) -> AgentEntry | None:
         return self.models.resolve(request.model)
@@ -128,13 +129,15 @@ class ServingContext:
         return requested
 
     async def tokenize_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-    ) -> list[int]:
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True, continue_final_message: bool = False,
+    ) -> list[int]:  # fmt: skip
         size = sum(len(m["content"]) for m in messages)
+        args = (self.tokenizer, messages, tools, add_generation_prompt, continue_final_message)
         try:
             if size > _THREADPOOL_CHARS or tools:
-                return await run_in_threadpool(render_chat, self.tokenizer, messages, tools)
-            return render_chat(self.tokenizer, messages)
+                return await run_in_threadpool(render_chat, *args)
+            return render_chat(*args)
         except (TemplateError, ValueError) as e:  # e.g. "roles must alternate user/assistant"
             raise APIError(
                 f"the model's chat template rejected the messages: {e}", param="messages"

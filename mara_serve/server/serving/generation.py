@@ -52,11 +52,14 @@ class ChoiceResult(NamedTuple):
 class ChoiceState:
     """Engine outputs of one choice → text deltas. Raises on an engine error or abort."""
 
-    def __init__(self, index: int, request: Request, tokenizer: Any, stops: list[str]):
+    def __init__(
+        self, index: int, request: Request, tokenizer: Any, stops: list[str],
+        include_stop: bool = False,
+    ):  # fmt: skip
         self.index = index
         self.request = request
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
-        self.stops = StopStringMatcher(stops) if stops else None
+        self.stops = StopStringMatcher(stops, include_stop) if stops else None
         self.num_generated_tokens = 0
         self.finish_reason: str | None = None
 

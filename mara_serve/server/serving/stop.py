@@ -10,8 +10,11 @@ from __future__ import annotations
 
 
 class StopStringMatcher:
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], include: bool = False):
+        """`include`: the matched stop string ends the text instead of being cut (vLLM's
+        include_stop_str_in_output)."""
         self.stops = [s for s in stops if s]
+        self.include = include
         self.buffer = ""
 
     def push(self, text: str) -> tuple[str, bool]:
@@ -19,9 +22,11 @@ class StopStringMatcher:
         if not self.stops:
             return text, False
         self.buffer += text
-        hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.buffer.find(s), s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.buffer = self.buffer[: min(hits)], ""
+            i, stop = min(hits, key=lambda h: h[0])
+            end = i + len(stop) if self.include else i
+            out, self.buffer = self.buffer[:end], ""
             return out, True
         keep = self._held_suffix_len()
         cut = len(self.buffer) - keep
