@@ -18,7 +18,7 @@ from mara_serve.server.body_limit import BodySizeLimitMiddleware
 from mara_serve.server.errors import install_exception_handlers
 from mara_serve.server.lifecycle import lifespan_for
 from mara_serve.server.metrics import ServerMetrics
-from mara_serve.server.routes import admin, health, models, openai, ui
+from mara_serve.server.routes import admin, health, models, openai, tokenize, ui
 from mara_serve.server.settings import Settings
 from mara_serve.server.state import ServerState
 
@@ -36,7 +36,9 @@ def create_app(settings: Settings | None = None, engine: AsyncEngine | None = No
     )
     app.state.mara = state
     install_exception_handlers(app)
-    for router in (openai.router, models.router, admin.router, health.router, ui.router):
+    routers = (openai.router, models.router, tokenize.router, admin.router, health.router,
+               ui.router)  # fmt: skip
+    for router in routers:
         app.include_router(router)
     if settings.cors_origins:
         app.add_middleware(
