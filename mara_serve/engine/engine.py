@@ -109,6 +109,11 @@ class LLMEngine:
                 f"{len(ids)} prompt tokens + {request.params.max_new_tokens} new tokens were "
                 f"requested ({total}); shorten the prompt or lower max_tokens", "messages",
             )  # fmt: skip
+        allowed = request.params.allowed_token_ids or ()
+        if any(not 0 <= t < self.lm.vocab_size for t in allowed):
+            raise InvalidRequestError(
+                f"allowed_token_ids must be in [0, {self.lm.vocab_size})", "allowed_token_ids"
+            )
         if any(not 0 <= t < self.lm.vocab_size for t, _ in request.params.logit_bias):
             raise InvalidRequestError(
                 f"logit_bias token ids must be in [0, {self.lm.vocab_size})", "logit_bias"

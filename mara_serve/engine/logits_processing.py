@@ -8,7 +8,8 @@ Order, each on the float32 logits of one row:
 3. `frequency_penalty` and `presence_penalty` (OpenAI): subtract count × frequency and
    (count > 0) × presence, counting the generated tokens only;
 4. `min_tokens` (vLLM): the end tokens (EOS, stop_token_ids) are -inf until that many tokens
-   were generated.
+   were generated;
+5. `allowed_token_ids` (vLLM): every other token is -inf (the end tokens too, unless listed).
 The output constraint (constraints.py) is applied after these. State is the row's own tokens,
 read from its `Sequence` each step: nothing is shared between requests. The reported logprobs
 stay the model's own (sampling.token_logprobs), before any of this.
@@ -48,4 +49,8 @@ def apply_logit_controls(
         )
     if len(output_ids) < params.min_tokens and stop_ids:
         out[torch.tensor(sorted(stop_ids), device=out.device)] = float("-inf")
+    if params.allowed_token_ids is not None:
+        keep = torch.zeros(V, dtype=torch.bool, device=out.device)
+        keep[torch.tensor(params.allowed_token_ids, device=out.device)] = True
+        out = out.masked_fill(~keep, float("-inf"))
     return out

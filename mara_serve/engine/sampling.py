@@ -40,11 +40,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
+    allowed_token_ids: tuple[int, ...] | None = None  # only these may be generated
 
     @property
     def controls_logits(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
-                    or self.min_tokens or self.repetition_penalty != 1.0)  # fmt: skip
+                    or self.min_tokens or self.repetition_penalty != 1.0
+                    or self.allowed_token_ids is not None)  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -62,6 +64,8 @@ class SamplingParams:
             raise InvalidRequestError("repetition_penalty must be in (0, 10]", "repetition_penalty")
         if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
             raise InvalidRequestError("logit_bias values must be in [-100, 100]", "logit_bias")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise InvalidRequestError("allowed_token_ids must not be empty", "allowed_token_ids")
         if not 0 <= self.min_tokens <= self.max_new_tokens:
             raise InvalidRequestError("min_tokens must be in [0, max_tokens]", "min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:

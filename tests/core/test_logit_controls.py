@@ -22,6 +22,7 @@ CONTROLS = {
     "repetition": dict(repetition_penalty=3.0, logit_bias=LEAN),
     "bias": dict(logit_bias=((7, 20.0), (124, -100.0))),
     "min_tokens": dict(min_tokens=6, logit_bias=((EOS, 100.0),)),
+    "allowed": dict(allowed_token_ids=(3, 5, 7, EOS)),
     "all": dict(presence_penalty=-0.5, frequency_penalty=0.7, repetition_penalty=1.2,
                 logit_bias=((3, 2.0),)),
 }  # fmt: skip
@@ -48,6 +49,8 @@ def test_controls_match_the_reference_batched_with_neighbours(agents):
     # min_tokens: EOS is the top token everywhere (+100) but cannot come before 6 tokens
     ids, _, reason = results["min_tokens-None"]
     assert len(ids) == 7 and ids[-1] == EOS and EOS not in ids[:-1] and reason == "stop"
+    assert set(results["allowed-None"][0]) <= {3, 5, 7, EOS}
+    assert set(results["allowed-half"][0]) <= {3, 5, 7, EOS}
     for name in ("presence", "frequency", "repetition"):  # each penalty breaks the repetition
         assert results[f"{name}-None"][0].count(7) < lean.count(7), name
 

@@ -41,6 +41,8 @@ OPERATIONS = [
     ("POST", "/v1/completions"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model_id}"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
     ("GET", "/health"),
     ("GET", "/ready"),
     ("GET", "/metrics"),

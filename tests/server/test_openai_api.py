@@ -347,9 +347,7 @@ VLLM_ASKS = {
     "guided_grammar": "root ::= 'a'",
     "guided_decoding_backend": "xgrammar",
     "return_token_ids": True,
-    "truncate_prompt_tokens": 8,
     "prompt_logprobs": 1,
-    "allowed_token_ids": [1, 2, 3],
     "skip_special_tokens": False,
     "echo": True,
     "chat_template_kwargs": {"enable_thinking": True},
@@ -411,6 +409,29 @@ def test_vllm_prompt_and_stop_fields(client: openai.OpenAI, tiny_lm: LoadedModel
         stop=[stop],
     ).choices[0].message.content  # fmt: skip
     assert cut == full[:3] and kept == full[:5]
+
+
+def test_allowed_token_ids_and_truncate_prompt_tokens(
+    client: openai.OpenAI, tiny_lm: LoadedModel
+) -> None:
+    allowed = [7, 9, 11]
+    texts = {tiny_lm.tokenizer.decode([i]) for i in allowed}
+    for model in (BASE, "half"):
+        r = client.completions.create(
+            model=model,
+            prompt=[0, 5, 9, 3],
+            max_tokens=8,
+            logprobs=0,
+            extra_body={"allowed_token_ids": allowed},
+        )
+        tokens = r.choices[0].logprobs.tokens
+        assert len(tokens) == 8 and set(tokens) <= texts, tokens
+    r = client.completions.create(model=BASE, prompt=list(range(3, 40)), max_tokens=2,
+                                  extra_body={"truncate_prompt_tokens": 5})  # fmt: skip
+    assert r.usage.prompt_tokens == 5
+    r = client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2,
+                                       extra_body={"truncate_prompt_tokens": 6})  # fmt: skip
+    assert r.usage.prompt_tokens == 6
 
 
 def test_penalties_and_logit_bias_through_the_sdk(client: openai.OpenAI) -> None:

@@ -45,8 +45,7 @@ def _unsupported(off: str) -> Any:
 VLLM_OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "guided_grammar": (None,), "guided_decoding_backend": (None,),
     "guided_whitespace_pattern": (None,), "min_p": (None, 0.0),
-    "return_token_ids": (None, False), "truncate_prompt_tokens": (None,),
-    "prompt_logprobs": (None,), "allowed_token_ids": (None,), "bad_words": (None, []),
+    "return_token_ids": (None, False), "prompt_logprobs": (None,), "bad_words": (None, []),
     "logits_processors": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
     "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
 }  # fmt: skip
@@ -86,9 +85,13 @@ class VllmExtensions(RequestModel):
         None, description="vLLM: end the text with the stop string that ended it"
     )
     return_token_ids: Any = _unsupported("false")
-    truncate_prompt_tokens: Any = _unsupported("null")
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=1, description="vLLM: keep only the prompt's last N tokens"
+    )
     prompt_logprobs: Any = _unsupported("null")
-    allowed_token_ids: Any = _unsupported("null")
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="vLLM: only these token ids may be generated"
+    )
     bad_words: Any = _unsupported("[]")
     logits_processors: Any = _unsupported("null")
     use_beam_search: Any = _unsupported("false")
@@ -193,6 +196,11 @@ class SamplingRequest(MaraExtensions):
             )
         self.logit_bias_items()  # 400 for a malformed key
 
+    def truncated(self, prompt: list[int]) -> list[int]:
+        """The prompt ids the engine gets (vLLM's truncate_prompt_tokens: the last N)."""
+        n = self.truncate_prompt_tokens
+        return prompt if n is None or len(prompt) <= n else prompt[-n:]
+
     def logprobs_count(self) -> int | None:
         """Alternatives per token for the engine (None: no logprobs); per endpoint."""
         return None
@@ -226,6 +234,9 @@ class SamplingRequest(MaraExtensions):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=self.logit_bias_items(),
             min_tokens=self.min_tokens or 0,
+            allowed_token_ids=(
+                None if self.allowed_token_ids is None else tuple(self.allowed_token_ids)
+            ),  # fmt: skip
         )
 
 

@@ -78,6 +78,7 @@ class ChatServing(EndpointServing):
                 is not False and not body.continue_final_message,
                 continue_final_message=bool(body.continue_final_message),
             )  # fmt: skip
+            prompt = body.truncated(prompt)
             param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
             max_new = ctx.max_new_tokens(
                 len(prompt), body.requested_max_tokens(), param, "messages",

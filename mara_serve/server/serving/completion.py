@@ -61,6 +61,7 @@ class CompletionServing(EndpointServing):
                 else:
                     ctx.check_token_ids(prompt, "prompt")
                     ids = prompt
+                ids = body.truncated(ids)
                 max_new = ctx.max_new_tokens(len(ids), body.max_tokens, "max_tokens", "prompt")
                 echo = "" if not body.echo else prompt if isinstance(prompt, str) else (
                     ctx.decode(ids)
