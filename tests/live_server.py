@@ -247,6 +247,14 @@ def server(tiny_lm: LoadedModel, agent_dir: Path) -> Iterator[LiveServer]:
     live.stop()
 
 
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Any:
+    """The real openai SDK against the shared server."""
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0)
+
+
 @pytest.fixture()
 def start_server(tiny_lm: LoadedModel) -> Iterator[Callable[..., LiveServer]]:
     """Factory for a test's own server on the tiny model (stopped after the test):

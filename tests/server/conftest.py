@@ -2,6 +2,7 @@
 
 from live_server import (  # noqa: F401  (fixtures pytest finds by name)
     agent_dir,
+    client,
     long_context_model_dir,
     scratch_agent_dir,
     server,

@@ -13,11 +13,6 @@ BASE = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0)
-
-
 def model_logprobs(lm: LoadedModel, prompt: list[int], generated: list[int]) -> list[torch.Tensor]:
     """log_softmax (float32, full vocabulary) of the model at each generated token's step."""
     with torch.inference_mode():

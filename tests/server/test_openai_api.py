@@ -21,11 +21,6 @@ BASE = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0)
-
-
 @pytest.fixture()
 def aclient(server) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(

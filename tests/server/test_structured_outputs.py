@@ -22,11 +22,6 @@ SCHEMA = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0)
-
-
 @pytest.mark.parametrize("model", [BASE, "half"])
 def test_json_schema_output_parses_and_follows_the_schema(client, model) -> None:
     r = client.chat.completions.create(

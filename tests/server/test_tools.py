@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-import openai
 import pytest
 from pydantic import BaseModel
 
@@ -33,11 +32,6 @@ TIME = {
         "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
         "required": ["zone"], "additionalProperties": False}},
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0)
 
 
 @pytest.mark.parametrize("model", [BASE, "half"])
