@@ -341,7 +341,6 @@ def test_user_and_openai_only_fields_are_accepted(client: openai.OpenAI) -> None
 VLLM_ASKS = {
     "guided_grammar": "root ::= 'a'",
     "guided_decoding_backend": "xgrammar",
-    "return_token_ids": True,
     "prompt_logprobs": 1,
     "skip_special_tokens": False,
     "echo": True,
@@ -404,6 +403,29 @@ def test_vllm_prompt_and_stop_fields(client: openai.OpenAI, tiny_lm: LoadedModel
         stop=[stop],
     ).choices[0].message.content  # fmt: skip
     assert cut == full[:3] and kept == full[:5]
+
+
+def test_return_token_ids(client: openai.OpenAI, tiny_lm: LoadedModel) -> None:
+    extra = {"return_token_ids": True, "ignore_eos": True}
+    r = client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=5,
+                                       temperature=0, extra_body=extra)  # fmt: skip
+    prompt = r.model_extra["prompt_token_ids"]
+    assert len(prompt) == r.usage.prompt_tokens
+    assert prompt == render_chat(tiny_lm.tokenizer, MESSAGES)
+    ids = r.choices[0].model_extra["token_ids"]
+    assert len(ids) == 5 and tiny_lm.tokenizer.decode(ids) == r.choices[0].message.content
+    streamed, streamed_prompt = [], None
+    for chunk in client.chat.completions.create(
+        model=BASE, messages=MESSAGES, max_tokens=5, temperature=0, stream=True, extra_body=extra
+    ):
+        streamed_prompt = streamed_prompt or (chunk.model_extra or {}).get("prompt_token_ids")
+        for c in chunk.choices:
+            streamed += (c.model_extra or {}).get("token_ids") or []
+    assert streamed == ids and streamed_prompt == prompt
+    r = client.completions.create(model=BASE, prompt=[0, 5, 9], max_tokens=3, temperature=0,
+                                  extra_body=extra)  # fmt: skip
+    choice = r.choices[0].model_extra
+    assert choice["prompt_token_ids"] == [0, 5, 9] and len(choice["token_ids"]) == 3
 
 
 def test_allowed_token_ids_and_truncate_prompt_tokens(

@@ -216,6 +216,7 @@ class ChatCompletionResponseChoice(BaseModel):
     message: ChatMessage
     finish_reason: FinishReason
     logprobs: ChatChoiceLogprobs | None = None
+    token_ids: list[int] | None = optional_field()
     mara_trace: list[MaraTokenTrace] | None = trace_field()
 
 
@@ -226,6 +227,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
+    prompt_token_ids: list[int] | None = optional_field()
     system_fingerprint: str | None = None
 
 
@@ -240,6 +242,7 @@ class ChatCompletionResponseStreamChoice(BaseModel):
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
     logprobs: ChatChoiceLogprobs | None = None
+    token_ids: list[int] | None = optional_field()
     mara_trace: list[MaraTokenTrace] | None = trace_field()
 
 
@@ -250,3 +253,4 @@ class ChatCompletionStreamResponse(BaseModel):
     model: str
     choices: list[ChatCompletionResponseStreamChoice]
     usage: UsageInfo | None = optional_field()
+    prompt_token_ids: list[int] | None = optional_field()  # return_token_ids: opening chunks

@@ -45,7 +45,7 @@ def _unsupported(off: str) -> Any:
 VLLM_OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "guided_grammar": (None,), "guided_decoding_backend": (None,),
     "guided_whitespace_pattern": (None,), "min_p": (None, 0.0),
-    "return_token_ids": (None, False), "prompt_logprobs": (None,), "bad_words": (None, []),
+    "prompt_logprobs": (None,), "bad_words": (None, []),
     "logits_processors": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
     "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
 }  # fmt: skip
@@ -84,7 +84,9 @@ class VllmExtensions(RequestModel):
     include_stop_str_in_output: bool | None = Field(
         None, description="vLLM: end the text with the stop string that ended it"
     )
-    return_token_ids: Any = _unsupported("false")
+    return_token_ids: bool | None = Field(
+        None, description="vLLM: add prompt_token_ids and each choice's generated token_ids"
+    )
     truncate_prompt_tokens: int | None = Field(
         None, ge=1, description="vLLM: keep only the prompt's last N tokens"
     )

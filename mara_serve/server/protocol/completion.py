@@ -99,6 +99,8 @@ class CompletionResponseChoice(BaseModel):
     text: str
     finish_reason: FinishReason
     logprobs: CompletionLogprobs | None = None
+    prompt_token_ids: list[int] | None = optional_field()
+    token_ids: list[int] | None = optional_field()
     mara_trace: list[MaraTokenTrace] | None = trace_field()
 
 
@@ -117,6 +119,8 @@ class CompletionResponseStreamChoice(BaseModel):
     text: str
     finish_reason: FinishReason | None = None
     logprobs: CompletionLogprobs | None = None
+    prompt_token_ids: list[int] | None = optional_field()
+    token_ids: list[int] | None = optional_field()
     mara_trace: list[MaraTokenTrace] | None = trace_field()
 
 

@@ -106,18 +106,22 @@ class ChatServing(EndpointServing):
                 mara_trace=self.render_traces(body, r.traces),
                 logprobs=self.ctx.logprobs.chat(r.text_traces) if body.logprobs else None,
             ))  # fmt: skip
+        if body.return_token_ids:
+            for choice, r in zip(choices, results, strict=True):
+                choice.token_ids = [t.token_id for t in r.traces]
         return ChatCompletionResponse(
             id=gen.request_id, created=created, model=body.model, choices=choices,
-            usage=UsageInfo(**gen.usage()),
+            usage=UsageInfo(**gen.usage()), prompt_token_ids=prompt_ids(gen, body),
         )  # fmt: skip
 
     def _stream(
         self, gen: Generation, body: ChatCompletionRequest, created: int
     ) -> AsyncIterator[bytes]:
         def chunk(choices: list[StreamChoice], usage: UsageInfo | None) -> bytes:
+            opening = bool(choices) and choices[0].delta.role is not None
             return sse_event(ChatCompletionStreamResponse(
                 id=gen.request_id, created=created, model=body.model, choices=choices,
-                usage=usage,
+                usage=usage, prompt_token_ids=prompt_ids(gen, body) if opening else None,
             ).model_dump_json())  # fmt: skip
 
         buffered = tools.tools_active(body)  # a call is known only once the choice has ended
@@ -131,10 +135,11 @@ class ChatServing(EndpointServing):
             logprobs = (
                 self.ctx.logprobs.chat(d.text_traces) if body.logprobs and d.text_traces else None
             )
-            if d.text or traces or logprobs:
+            ids = [t.token_id for t in d.traces] if body.return_token_ids else None
+            if d.text or traces or logprobs or ids:
                 delta = DeltaMessage(content=d.text)
                 out.append(StreamChoice(index=d.index, delta=delta, mara_trace=traces,
-                                        logprobs=logprobs))  # fmt: skip
+                                        logprobs=logprobs, token_ids=ids))  # fmt: skip
             if d.finish_reason is not None:
                 out.append(StreamChoice(index=d.index, delta=DeltaMessage(),
                                         finish_reason=d.finish_reason))  # fmt: skip
@@ -173,3 +178,8 @@ class ChatServing(EndpointServing):
             for c in gen.choices
         ]
         return self.stream_events(gen, body, chunk, opening, delta_choices)
+
+
+def prompt_ids(gen: Generation, body: ChatCompletionRequest) -> list[int] | None:
+    """The prompt's token ids (vLLM's return_token_ids; every choice shares the prompt)."""
+    return list(gen.choices[0].request.prompt_token_ids) if body.return_token_ids else None

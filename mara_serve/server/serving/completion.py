@@ -86,11 +86,14 @@ class CompletionServing(EndpointServing):
         created: int,
     ) -> CompletionResponse:
         want_logprobs = body.logprobs is not None
+        ids = body.return_token_ids
         choices = [
             CompletionResponseChoice(
                 index=i, text=echoes[i] + r.text, finish_reason=r.finish_reason,
                 mara_trace=self.render_traces(body, r.traces),
                 logprobs=self.ctx.logprobs.completion(r.text_traces, 0) if want_logprobs else None,
+                prompt_token_ids=list(gen.choices[i].request.prompt_token_ids) if ids else None,
+                token_ids=[t.token_id for t in r.traces] if ids else None,
             )
             for i, r in enumerate(results)
         ]  # fmt: skip
@@ -109,6 +112,7 @@ class CompletionServing(EndpointServing):
             ).model_dump_json())  # fmt: skip
 
         offsets = [0] * len(gen.choices)  # text_offset of each choice's next token
+        sent_prompt: set[int] = set()  # choices whose prompt_token_ids went out
 
         def delta_choices(d: ChoiceDelta, traces: object) -> list[StreamChoice]:
             out = []
@@ -117,9 +121,16 @@ class CompletionServing(EndpointServing):
                 logprobs = self.ctx.logprobs.completion(d.text_traces, offsets[d.index])
                 last = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
                 offsets[d.index] = last
-            if d.text or traces or logprobs:
+            ids = prompt = None
+            if body.return_token_ids:
+                ids = [t.token_id for t in d.traces]
+                if d.index not in sent_prompt:
+                    sent_prompt.add(d.index)
+                    prompt = list(gen.choices[d.index].request.prompt_token_ids)
+            if d.text or traces or logprobs or ids:
                 out.append(StreamChoice(index=d.index, text=d.text, mara_trace=traces,
-                                        logprobs=logprobs))  # fmt: skip
+                                        logprobs=logprobs, token_ids=ids,
+                                        prompt_token_ids=prompt))  # fmt: skip
             if d.finish_reason is not None:
                 out.append(StreamChoice(index=d.index, text="", finish_reason=d.finish_reason))
             return out
