@@ -155,15 +155,13 @@ class AsyncEngine:
         """Start the engine thread, build the engine ON it (`build` loads the model) and return
         once it runs; raises what `build` raised. Blocking: call it off the event loop."""
         built: Future = Future()
-        holder: list[AsyncEngine] = []
 
         def main() -> None:
             try:
-                holder.append(cls(build()))
+                engine = cls(build())
             except BaseException as e:
                 built.set_exception(e)
                 return
-            engine = holder[0]
             engine._thread = threading.current_thread()
             built.set_result(engine)
             engine._loop()

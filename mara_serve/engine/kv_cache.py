@@ -19,13 +19,11 @@ Invariants: the engine keeps running sequences in slots 0..B-1 (dense), so a dec
 
 from __future__ import annotations
 
-import logging
+import math
 import mmap
 from dataclasses import dataclass
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def bytes_per_position(
@@ -116,10 +114,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
     write (returns the tensor and the mapping, which must outlive it)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device), None
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype), None
     # Anonymous and private: zero-filled by the kernel page by page on first touch. NORESERVE:
@@ -137,7 +132,6 @@ class KVCache:
         self.num_slots = plan.slots
         self.max_len = plan.max_len  # the longest sequence a slot holds
         self.capacity = plan.max_len + plan.scratch  # positions per slot
-        self.per_position = bytes_per_position(num_layers, num_kv_heads, head_dim, dtype)
         self.dtype, self.device = dtype, device
         shape = (num_layers, plan.slots, num_kv_heads, self.capacity, head_dim)
         self.keys, self._keys_map = _zeros(shape, dtype, device)

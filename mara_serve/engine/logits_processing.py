@@ -19,7 +19,26 @@ from __future__ import annotations
 
 import torch
 
+from mara_serve.engine.constraints import TokenConstraint, constrain_logits
 from mara_serve.engine.sampling import SamplingParams
+
+
+def processed_logits(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_ids: list[int],
+    output_ids: list[int],
+    stop_ids: frozenset[int],
+    constraint: TokenConstraint | None,
+) -> torch.Tensor:
+    """The logits a row's next token is chosen from: the request's controls, then its output
+    constraint (both skipped when absent). The engine's step and the serial reference call
+    this one function, so they process a row identically."""
+    if params.controls_logits:
+        logits = apply_logit_controls(logits, params, prompt_ids, output_ids, stop_ids)
+    if constraint is not None:
+        logits = constrain_logits(logits, constraint)
+    return logits
 
 
 def apply_logit_controls(

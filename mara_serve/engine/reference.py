@@ -15,8 +15,8 @@ import torch
 
 from mara_serve.engine.agent import Agent
 from mara_serve.engine.candidates import select_candidates
-from mara_serve.engine.constraints import TokenConstraint, constrain_logits
-from mara_serve.engine.logits_processing import apply_logit_controls
+from mara_serve.engine.constraints import TokenConstraint
+from mara_serve.engine.logits_processing import processed_logits
 from mara_serve.engine.request import TokenTrace
 from mara_serve.engine.sampling import SamplingParams
 
@@ -52,11 +52,8 @@ def reference_generate(
     traces: list[TokenTrace] = []
     while len(out_ids) < params.max_new_tokens:
         logits = model.lm_head(hidden).float()
-        if params.controls_logits:
-            logits = apply_logit_controls(logits, params, prompt_ids, out_ids,
-                                          frozenset(stop))  # fmt: skip
-        if constraint is not None:
-            logits = constrain_logits(logits, constraint)
+        logits = processed_logits(logits, params, prompt_ids, out_ids, frozenset(stop),
+                                  constraint)  # fmt: skip
         if agent is None:
             token = int(torch.argmax(logits))
             hidden = forward([token])

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mara_serve.engine.candidates import select_candidates_batch
-from mara_serve.engine.constraints import constrain_logits
-from mara_serve.engine.logits_processing import apply_logit_controls
+from mara_serve.engine.logits_processing import processed_logits
 from mara_serve.engine.request import TokenTrace
 from mara_serve.engine.runner import ModelRunner
 from mara_serve.engine.sampling import sample_token, token_logprobs
@@ -50,11 +49,9 @@ def _candidate_rows(seqs: list[Sequence]) -> list[_Row]:
     for i, s in enumerate(seqs):
         # before candidates (logits_processing.py has the order): the agent sees the same
         # distribution the request's sampling controls define, and allowed tokens only
-        if s.params.controls_logits:
-            logits[i] = apply_logit_controls(logits[i], s.params, s.request.prompt_token_ids,
-                                             s.output_ids, s.stop_ids)  # fmt: skip
-        if s.constraint is not None:
-            logits[i] = constrain_logits(logits[i], s.constraint)
+        if s.params.controls_logits or s.constraint is not None:
+            logits[i] = processed_logits(logits[i], s.params, s.request.prompt_token_ids,
+                                         s.output_ids, s.stop_ids, s.constraint)  # fmt: skip
     rows: list[_Row | None] = [None] * len(seqs)
     mara = [i for i, s in enumerate(seqs) if s.agent is not None]
     if mara:

@@ -99,6 +99,7 @@ def wire(state: ServerState, engine: AsyncEngine) -> Services:
         engine.engine.stats,
     )
     models = ServedModels(base_id, engine.engine.max_model_len, registry, state.started_at)
+    traces = TraceRenderer(lm.tokenizer)
     ctx = ServingContext(
         engine=engine,
         tokenizer=lm.tokenizer,
@@ -108,8 +109,8 @@ def wire(state: ServerState, engine: AsyncEngine) -> Services:
         inflight=state.inflight,
         max_model_len=engine.engine.max_model_len,
         vocab_size=lm.vocab_size,
-        traces=TraceRenderer(lm.tokenizer),
-        logprobs=LogprobRenderer(lm.tokenizer),
+        traces=traces,
+        logprobs=LogprobRenderer(lm.tokenizer, traces.token_text),
         structured=StructuredOutputs(lm.tokenizer, lm.vocab_size, lm.eos_token_ids),
     )
     return Services(

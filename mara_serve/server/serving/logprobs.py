@@ -10,6 +10,7 @@ them, while `token` shows U+FFFD.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -40,13 +41,11 @@ _BYTES = _byte_decoder()
 
 
 class LogprobRenderer:
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, token_text: Callable[[int], str]):
+        """`token_text`: one token's text, cached (the trace renderer's, shared)."""
         self.tokenizer = tokenizer
-        self.text = lru_cache(maxsize=65536)(self._text)
+        self.text = token_text
         self.bytes = lru_cache(maxsize=65536)(self._bytes)
-
-    def _text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _bytes(self, token_id: int) -> list[int]:
         raw = self.tokenizer.convert_ids_to_tokens(token_id)
