@@ -62,6 +62,14 @@ def test_required_streams_one_call_of_a_known_function(client) -> None:
             finish = c.finish_reason or finish
     assert finish == "tool_calls" and len(calls) == 1
     call = calls[0]
+    ids = []  # the per-token extras still stream with tools (token ids here)
+    for chunk in client.chat.completions.create(
+        model=BASE, messages=MESSAGES, max_tokens=40, tools=[WEATHER, TIME],
+        tool_choice="required", stream=True, extra_body={"return_token_ids": True},
+    ):  # fmt: skip
+        for c in chunk.choices:
+            ids += (c.model_extra or {}).get("token_ids") or []
+    assert ids
     assert call.function.name in ("get_weather", "get_time")
     assert isinstance(json.loads(call.function.arguments), dict)
 

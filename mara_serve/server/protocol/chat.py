@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
@@ -159,6 +160,11 @@ class ChatCompletionRequest(SamplingRequest):
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @cached_property
+    def tool_specs(self) -> list[dict[str, Any]]:
+        """`tools` as plain dicts (what templates, schemas and the call parser read)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools or ()]
 
     def requested_max_tokens(self) -> int | None:
         return (

@@ -55,20 +55,14 @@ class ChatServing(EndpointServing):
                 f"at most {ctx.settings.max_messages} messages are allowed", param="messages"
             )
 
-        tool_specs = [t.model_dump(exclude_none=True) for t in body.tools or ()]
-
         async def build(request_id: str, agent: AgentEntry | None) -> list[ChoiceState]:
             messages = [m.to_template() for m in body.messages]
             native_tools = None
             if tools.tools_active(body):
                 messages, native_tools = tools.template_messages(ctx.tokenizer, messages,
-                                                                 tool_specs)  # fmt: skip
-            if (
-                tools.tools_active(body)
-                and body.tool_choice is not None
-                and (body.tool_choice == "required" or tools.named_choice(body) is not None)
-            ):  # the call is constrained to the function's schema: it always parses
-                schema = tools.call_schema(tool_specs, tools.named_choice(body))
+                                                                 body.tool_specs)  # fmt: skip
+            if tools.call_forced(body):  # constrained to the function's schema: it always parses
+                schema = tools.call_schema(body.tool_specs, tools.named_choice(body))
                 grammar = await asyncio.to_thread(ctx.structured.schema_grammar, schema,
                                                   "tool_choice")  # fmt: skip
             else:
@@ -95,10 +89,9 @@ class ChatServing(EndpointServing):
     def _full(
         self, gen: Generation, body: ChatCompletionRequest, results: Results, created: int
     ) -> ChatCompletionResponse:
-        specs = [t.model_dump(exclude_none=True) for t in body.tools or ()]
         choices = []
         for i, r in enumerate(results):
-            calls = tools.parse_calls(r.text, specs) if tools.tools_active(body) else None
+            calls = tools.parse_calls(r.text, body.tool_specs) if tools.tools_active(body) else None
             message = (ChatMessage(content=None, tool_calls=calls) if calls
                        else ChatMessage(content=r.text))  # fmt: skip
             choices.append(ChatCompletionResponseChoice(
@@ -125,52 +118,31 @@ class ChatServing(EndpointServing):
             ).model_dump_json())  # fmt: skip
 
         buffered = tools.tools_active(body)  # a call is known only once the choice has ended
-        specs = [t.model_dump(exclude_none=True) for t in body.tools or ()]
         held: dict[int, list[str]] = {}
 
         def delta_choices(d: ChoiceDelta, traces: object) -> list[StreamChoice]:
-            if buffered:
-                return tool_delta_choices(d, traces)
-            out = []
             logprobs = (
                 self.ctx.logprobs.chat(d.text_traces) if body.logprobs and d.text_traces else None
             )
             ids = [t.token_id for t in d.traces] if body.return_token_ids else None
-            if d.text or traces or logprobs or ids:
-                delta = DeltaMessage(content=d.text)
+            text, calls = d.text, None
+            if buffered:  # hold the text; at the end it is the content or the tool calls
+                held.setdefault(d.index, []).append(d.text)
+                text = "".join(held.pop(d.index)) if d.finish_reason is not None else ""
+                calls = tools.parse_calls(text, body.tool_specs) if text else None
+            out = []
+            if text or traces or logprobs or ids:  # the trace and logprobs stream as they come
+                if calls:
+                    delta = DeltaMessage(tool_calls=[DeltaToolCall(index=j, **c)
+                                                     for j, c in enumerate(calls)])  # fmt: skip
+                else:
+                    delta = DeltaMessage(content=text if text or not buffered else None)
                 out.append(StreamChoice(index=d.index, delta=delta, mara_trace=traces,
                                         logprobs=logprobs, token_ids=ids))  # fmt: skip
             if d.finish_reason is not None:
+                finish = "tool_calls" if calls else d.finish_reason
                 out.append(StreamChoice(index=d.index, delta=DeltaMessage(),
-                                        finish_reason=d.finish_reason))  # fmt: skip
-            return out
-
-        def tool_delta_choices(d: ChoiceDelta, traces: object) -> list[StreamChoice]:
-            held.setdefault(d.index, []).append(d.text)
-            logprobs = (
-                self.ctx.logprobs.chat(d.text_traces) if body.logprobs and d.text_traces else None
-            )
-            out = []
-            if traces or logprobs:  # the trace and logprobs still stream as they come
-                out.append(StreamChoice(index=d.index, delta=DeltaMessage(), mara_trace=traces,
-                                        logprobs=logprobs))  # fmt: skip
-            if d.finish_reason is None:
-                return out
-            text = "".join(held.pop(d.index))
-            calls = tools.parse_calls(text, specs)
-            if calls:
-                delta = DeltaMessage(tool_calls=[DeltaToolCall(index=j, **c)
-                                                 for j, c in enumerate(calls)])  # fmt: skip
-            else:
-                delta = DeltaMessage(content=text)
-            out.append(StreamChoice(index=d.index, delta=delta))
-            out.append(
-                StreamChoice(
-                    index=d.index,
-                    delta=DeltaMessage(),
-                    finish_reason="tool_calls" if calls else d.finish_reason,
-                )
-            )
+                                        finish_reason=finish))  # fmt: skip
             return out
 
         opening = [

@@ -29,6 +29,11 @@ def tools_active(body: Any) -> bool:
     return bool(body.tools) and body.tool_choice != "none"
 
 
+def call_forced(body: Any) -> bool:
+    """ "required" or a named function: the output must be one call (grammar-constrained)."""
+    return tools_active(body) and (body.tool_choice == "required" or named_choice(body) is not None)
+
+
 def named_choice(body: Any) -> str | None:
     choice = body.tool_choice
     return choice.function.name if choice is not None and not isinstance(choice, str) else None
@@ -132,11 +137,9 @@ def parse_calls(text: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]] 
 
 def check_tools(body: Any) -> None:
     """400s for a tool_choice that cannot be served."""
-    choice = body.tool_choice
-    if choice in ("required",) or named_choice(body) is not None:
-        if not body.tools:
-            raise APIError("tool_choice needs tools", param="tool_choice")
     name = named_choice(body)
+    if (body.tool_choice == "required" or name is not None) and not body.tools:
+        raise APIError("tool_choice needs tools", param="tool_choice")
     if name is not None and name not in {t.function.name for t in body.tools}:
         raise APIError(f"tool_choice names an unknown function {name!r}", param="tool_choice")
     if tools_active(body) and (body.response_format or {}).get("type", "text") != "text":
