@@ -10,6 +10,7 @@ with no effect here (`metadata`, `service_tier`, …) are accepted and documente
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -107,8 +108,7 @@ class VllmExtensions(RequestModel):
             if not _is_off(value, off):
                 raise APIError(
                     f"{name} (a vLLM extension) is not supported by this server; "
-                    f"omit it or send {off[-1]!r}".replace("None", "null")
-                    .replace("True", "true").replace("False", "false"),
+                    f"omit it or send {json.dumps(off[-1])}",
                     param=name,
                     code="unsupported_parameter",
                 )  # fmt: skip
