@@ -22,6 +22,7 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -53,6 +54,12 @@ TINY = dict(
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
     tie_word_embeddings=False,
 )  # fmt: skip
+# SmolLM2-135M's shape, for a machine without the embedded weights (a GPU box with no network).
+SMOLLM2 = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+)  # fmt: skip
 TOP_K = 40
 CHUNK = 8
 
@@ -77,17 +84,19 @@ def random_model(name: str, shape: dict, device: torch.device, dtype: torch.dtyp
     )  # fmt: skip
 
 
-def smollm2(device: torch.device, dtype: torch.dtype) -> LoadedModel | None:
-    """The embedded default model (converted from the GGUF the package embeds; no network)."""
+def smollm2(device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The embedded default model (converted from the GGUF the package embeds; no network), or
+    random weights of its shape where it cannot be fetched (the speed is the same)."""
     from mara_serve.engine.default_model import default_cache_dir
     from mara_serve.engine.loading import ModelConfig, load_model
 
     try:
         return load_model(ModelConfig(device=str(device), dtype=str(dtype).removeprefix("torch."),
                                       cache_dir=default_cache_dir()))  # fmt: skip
-    except Exception as e:  # this machine cannot load it: say so and measure the rest
-        print(f"SmolLM2 skipped: {type(e).__name__}: {e}", file=sys.stderr)
-        return None
+    except Exception as e:  # this machine cannot fetch it: same shape, random weights
+        print(f"SmolLM2 weights unavailable ({type(e).__name__}: {e}); random weights of its "
+              "shape instead", file=sys.stderr)  # fmt: skip
+        return random_model("smollm2-135m-shape-random", SMOLLM2, device, dtype)
 
 
 def calibrated_agent(lm: LoadedModel, reject_rate: float = 0.5) -> Agent:
@@ -135,7 +144,49 @@ def decode_ms(
         cands += [len(t.candidates) for o in outs for t in o.traces if t.candidates]
     while engine.has_work():
         engine.step()
+    del engine, outs
+    release(lm.device)  # the next engine sizes its KV cache from the memory free now
     return statistics.median(times), (statistics.mean(cands) if cands else 1.0)
+
+
+def sig(x: float) -> float:
+    """x to 4 significant digits (a tiny model's floor is microseconds)."""
+    return float(f"{x:.4g}")
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def profile_steps(lm: LoadedModel, agent: Agent | None, path: Path, steps: int = 3) -> None:
+    """Append a torch.profiler table of `steps` decode steps at one row (self CPU time first:
+    on a GPU the host-side gaps, launches and syncs, are what the captured step must remove)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = LLMEngine(lm, EngineConfig(max_running=1, probe_top1=False))
+    params = SamplingParams(max_new_tokens=steps + 8, ignore_eos=True, temperature=0.0,
+                            top_k=TOP_K if agent is not None else None)  # fmt: skip
+    engine.add_request(Request("p", list(range(2, 130)), params, agent))
+    for _ in range(3):
+        engine.step()
+    activities = [ProfilerActivity.CPU]
+    if lm.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    sync(lm.device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync(lm.device)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    with path.open("a") as f:
+        f.write(f"\n## {lm.name}, {'MARA k=40' if agent else 'plain'}, {steps} steps, 1 row\n")
+        f.write(table)
+    while engine.has_work():
+        engine.step()
+    del engine
+    release(lm.device)
 
 
 def copy_bandwidth(device: torch.device, mib: int) -> float:
@@ -192,6 +243,12 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16", help="batch sizes")
     ap.add_argument("--context", type=int, default=None, help="prompt tokens per row")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="also write a torch.profiler table of a few one-row steps here",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -208,12 +265,14 @@ def main() -> None:
         models.append(random_model("tiny-llama", TINY, device, dtype))
     else:
         models.append(random_model("llama-3.1-8b-shape-random", LLAMA_8B, device, dtype))
-        if (small := smollm2(device, dtype)) is not None:
-            models.append(small)
+        models.append(smollm2(device, dtype))
 
     results = []
     for lm in models:
         agent = calibrated_agent(lm).to(device)
+        if args.profile is not None:
+            profile_steps(lm, None, args.profile)
+            profile_steps(lm, agent, args.profile)
         for rows in rows_list:
             floor_ms = step_bytes(lm, rows, context) / bandwidth * 1e3
             runs = {
@@ -224,13 +283,12 @@ def main() -> None:
             for mode, (a, chunk) in runs.items():
                 ms, cands = decode_ms(lm, rows, context, steps, a, chunk)
                 results.append({
-                    "model": lm.name, "rows": rows, "mode": mode, "ms_per_step": round(ms, 3),
-                    "floor_ms": round(floor_ms, 3), "floor_ratio": round(ms / floor_ms, 2),
+                    "model": lm.name, "rows": rows, "mode": mode, "ms_per_step": sig(ms),
+                    "floor_ms": sig(floor_ms), "floor_ratio": sig(ms / floor_ms),
                     "candidates_per_token": round(cands, 1),
                 })  # fmt: skip
-        del lm
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    del models, lm, agent
+    release(device)
 
     parities = [parity(device, torch.float32)]
     if dtype != torch.float32:

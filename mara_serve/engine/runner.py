@@ -24,8 +24,11 @@ Shapes: N packed tokens, R rows, K max tokens per row, S keys, Hq/Hkv heads, g =
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mara_serve.engine.errors import UnsupportedModelError
 from mara_serve.engine.kv_cache import KVCache, KVPlan, bytes_per_position
@@ -39,6 +42,13 @@ from mara_serve.engine.weights import (
 )
 
 MAX_CANDIDATES = 256  # the largest top_k a MARA step may use (scratch positions per row)
+
+# SDPA kernels the runner uses on a GPU. Not cuDNN's, torch's first choice on Hopper: it builds
+# an execution plan on the host for every new shape, and the key length grows every decode
+# step, so it re-planned on every call — ~2 ms per layer and call on an H200 (16 ms with a
+# candidate mask), 55–70 ms a step whatever the model size (bench/RESULTS.md). Flash and
+# memory-efficient attention need no plan (the tree mask goes to the memory-efficient one).
+GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -115,6 +125,10 @@ class ModelRunner:
             )
         self.cos, self.sin = cos[0], sin[0]  # (max_len, d)
 
+    def attention_kernels(self) -> AbstractContextManager:
+        """The SDPA backends a forward may use (GPU_SDPA_BACKENDS on a GPU)."""
+        return sdpa_kernel(GPU_SDPA_BACKENDS) if self.device.type == "cuda" else nullcontext()
+
     # ---- phases -------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -154,6 +168,12 @@ class ModelRunner:
             else torch.arange(T, device=self.device)[None, :] <= positions[i][:, None]
             for i, (_, start, T, _, _) in enumerate(spans)
         ]  # fmt: skip
+        with self.attention_kernels():
+            x = self._prefill_layers(x, cos, sin, spans, masks)
+        last = [b - 1 for *_, b in spans]
+        return F.rms_norm(x[last], x.shape[-1:], self.norm_w, self.norm_eps)
+
+    def _prefill_layers(self, x, cos, sin, spans, masks) -> torch.Tensor:
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)  # (N, H*, d)
             outs = []
@@ -175,8 +195,7 @@ class ModelRunner:
                 )  # (1, Hq, T - start, d)
                 outs.append(o[0].transpose(0, 1).reshape(b - a, -1))
             x = self._attn_out_and_mlp(layer, x, outs[0] if len(outs) == 1 else torch.cat(outs))
-        last = [b - 1 for *_, b in spans]
-        return F.rms_norm(x[last], x.shape[-1:], self.norm_w, self.norm_eps)
+        return x
 
     @torch.inference_mode()
     def forward_tokens(
@@ -188,20 +207,24 @@ class ModelRunner:
         col_of: torch.Tensor,
         kmax: int,
         rank_of: torch.Tensor | None = None,
+        num_keys: int | None = None,
     ) -> torch.Tensor:
         """Score N packed tokens (row-major), each a candidate at its row's next position.
 
         rows: int R (the dense slots 0..R-1) or a (R,) tensor of slots; lengths (R,) prefix
         lengths; token_ids/row_of/col_of (N,): token, its row, its column in the padded
         (R, kmax) grid; rank_of (N,): its candidate rank (default: col_of), which picks its
-        scratch cache position `length + rank`. Returns final hidden states (N, H).
+        scratch cache position `length + rank`. num_keys: cache positions attention reads (at
+        least every store position + 1; None: computed, a device sync). A token stored at or
+        past num_keys (graphs.py's padding cells) sees the last of them instead of its own.
+        Returns final hidden states (N, H).
         """
         R = rows if isinstance(rows, int) else int(rows.numel())
         slots = torch.arange(R, device=self.device) if isinstance(rows, int) else rows
         N = int(token_ids.numel())
         rank_of = col_of if rank_of is None else rank_of
         store_pos = lengths[row_of] + rank_of  # (N,) where each token's K/V are written
-        S = int(store_pos.max()) + 1  # keys the step reads
+        S = int(store_pos.max()) + 1 if num_keys is None else num_keys  # keys the step reads
         self.cache.check(S)
         cos, sin = self.cos[lengths[row_of]][:, None], self.sin[lengths[row_of]][:, None]
         mask = self._tree_mask(R, kmax, S, lengths, row_of, col_of, store_pos)  # (R,1,gK,S)
@@ -209,13 +232,14 @@ class ModelRunner:
         flat = None if dense else row_of * kmax + col_of
         token_slots = slots[row_of]
         x = self.embed(token_ids)  # (N, H)
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
-            self.cache.keys[i, token_slots, :, store_pos] = k  # (N, Hkv, d)
-            self.cache.values[i, token_slots, :, store_pos] = v
-            k_all, v_all = self.cache.prefix(i, rows, S)  # (R, Hkv, S, d)
-            o = self._attend(q, k_all, v_all, mask, R, kmax, flat)
-            x = self._attn_out_and_mlp(layer, x, o)
+        with self.attention_kernels():
+            for i, layer in enumerate(self.layers):
+                q, k, v = self._qkv(layer, x, cos, sin)
+                self.cache.keys[i, token_slots, :, store_pos] = k  # (N, Hkv, d)
+                self.cache.values[i, token_slots, :, store_pos] = v
+                k_all, v_all = self.cache.prefix(i, rows, S)  # (R, Hkv, S, d)
+                o = self._attend(q, k_all, v_all, mask, R, kmax, flat)
+                x = self._attn_out_and_mlp(layer, x, o)
         return F.rms_norm(x, x.shape[-1:], self.norm_w, self.norm_eps)
 
     def commit(self, slots: torch.Tensor, lengths: torch.Tensor, ranks: torch.Tensor) -> None:
@@ -253,7 +277,7 @@ class ModelRunner:
         store position. Empty grid cells see the prefix only (no NaN rows)."""
         t = torch.arange(S, device=self.device)
         visible = (t[None, None] < lengths[:, None, None]).expand(R, kmax, S).clone()
-        visible[row_of, col_of, store_pos] = True
+        visible[row_of, col_of, store_pos.clamp(max=S - 1)] = True
         bias = torch.zeros(R, kmax, S, dtype=self.dtype, device=self.device)
         bias.masked_fill_(~visible, float("-inf"))
         # q rows are laid out (g, kmax) per kv head: repeat the mask over the g query heads.

@@ -14,13 +14,22 @@ from mara_serve.engine.reference import reference_generate
 from mara_serve.engine.request import Request
 from mara_serve.engine.sampling import SamplingParams
 
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu,
+           pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+)  # fmt: skip
 
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("chunk_size", [256, 4])
-def test_half_precision_engine_follows_the_reference_up_to_near_ties(dtype, chunk_size):
-    lm = tiny_llama(dtype=dtype)
+def test_half_precision_engine_follows_the_reference_up_to_near_ties(dtype, chunk_size, device):
+    lm = tiny_llama(dtype=dtype, device=device)
     fp32 = tiny_llama()
     agents = [None, make_agent("half", lm=fp32), make_agent("reject", lm=fp32)]
+    for agent in agents[1:]:
+        agent.to(device)
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
     engine = LLMEngine(lm, EngineConfig(max_running=8, chunk_size=chunk_size))
     reqs = [Request(str(i), p, params, agents[i % 3]) for i, p in enumerate(PROMPTS)]
