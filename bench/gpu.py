@@ -10,7 +10,8 @@ bf16 by default. The embedded SmolLM2 runs too.
 For each model and batch size (1/4/16 rows, each with a `--context`-token prompt) it measures
 the engine's decode step (milliseconds, after the prefill, the device synchronised around the
 timed steps) for plain decoding and for MARA with a random agent calibrated to reject about
-half of the candidates (k = 40), all candidates in one forward and chunked. The bandwidth
+half of the candidates (k = 40), all candidates in one forward and chunked; plain decoding
+also with CUDA graphs off ("plain eager", `--enforce-eager`), side by side. The bandwidth
 floor of a plain step is (weight bytes + the KV bytes the step reads) ÷ the device's copy
 bandwidth, measured here with one large device-to-device copy; `floor_ratio` = step ÷ floor
 (1.0 = memory-bound at full bandwidth). It also checks parity: tiny-model tokens from the
@@ -120,19 +121,27 @@ def sync(device: torch.device) -> None:
 
 
 def decode_ms(
-    lm: LoadedModel, rows: int, context: int, steps: int, agent: Agent | None, chunk: int | None
+    lm: LoadedModel,
+    rows: int,
+    context: int,
+    steps: int,
+    agent: Agent | None,
+    chunk: int | None,
+    captured: bool | None = None,
 ) -> tuple[float, float]:
-    """Median ms per decode step over `steps` steps (after prefill and 2 warm-up steps) with
-    `rows` running requests of a `context`-token prompt; and the mean candidates per token."""
-    engine = LLMEngine(lm, EngineConfig(max_running=rows, chunk_size=chunk, probe_top1=False))
+    """Median ms per decode step over `steps` steps (after prefill and 4 warm-up steps) with
+    `rows` running requests of a `context`-token prompt; and the mean candidates per token.
+    `captured`: EngineConfig.captured_steps (None: the engine's default for the device)."""
+    engine = LLMEngine(lm, EngineConfig(max_running=rows, chunk_size=chunk, probe_top1=False,
+                                        captured_steps=captured))  # fmt: skip
     gen = torch.Generator().manual_seed(rows)
-    params = SamplingParams(max_new_tokens=steps + 4, ignore_eos=True, temperature=0.0,
+    params = SamplingParams(max_new_tokens=steps + 6, ignore_eos=True, temperature=0.0,
                             top_k=TOP_K if agent is not None else None)  # fmt: skip
     for r in range(rows):
         prompt = torch.randint(2, lm.vocab_size, (context,), generator=gen).tolist()
         engine.add_request(Request(f"r{r}", prompt, params, agent))
     engine.step()  # prefill (+ the first token)
-    for _ in range(2):
+    for _ in range(4):  # warm-up (on a GPU: the first CUDA graphs are captured)
         engine.step()
     times, cands = [], []
     for _ in range(steps):
@@ -276,12 +285,13 @@ def main() -> None:
         for rows in rows_list:
             floor_ms = step_bytes(lm, rows, context) / bandwidth * 1e3
             runs = {
-                "plain": (None, None),
-                "mara all-at-once": (agent, None),
-                f"mara chunk={CHUNK}": (agent, CHUNK),
+                "plain": (None, None, None),
+                "plain eager": (None, None, False),  # CUDA graphs off (--enforce-eager)
+                "mara all-at-once": (agent, None, None),
+                f"mara chunk={CHUNK}": (agent, CHUNK, None),
             }
-            for mode, (a, chunk) in runs.items():
-                ms, cands = decode_ms(lm, rows, context, steps, a, chunk)
+            for mode, (a, chunk, captured) in runs.items():
+                ms, cands = decode_ms(lm, rows, context, steps, a, chunk, captured)
                 results.append({
                     "model": lm.name, "rows": rows, "mode": mode, "ms_per_step": sig(ms),
                     "floor_ms": sig(floor_ms), "floor_ratio": sig(ms / floor_ms),

@@ -45,26 +45,30 @@ def _top_p_keep(vals: torch.Tensor, top_p: float) -> tuple[int, torch.Tensor]:
 def select_candidates_batch(
     logits: torch.Tensor, top_k: list[int], top_p: list[float]
 ) -> list[Candidates]:
-    """logits (B, V) → one ordered candidate list per row."""
+    """logits (B, V) → one ordered candidate list per row (CPU tensors).
+
+    The device computes log_softmax and one top-(k+1) for the whole batch; the rest runs on
+    the host from ONE device→host copy (a per-row loop of small device ops and syncs cost
+    more than the whole forward of a small model on a GPU). The extra column tells whether
+    the k-th value is tied past k; only then (rare) is the row's full distribution read."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
     B, V = logp.shape
-    # never more candidates than tokens with a finite log-prob (a constrained row's logits are
-    # -inf outside what its grammar allows, and -inf must not become a candidate)
-    finite = torch.isfinite(logp).sum(-1).tolist()
-    ks = [min(k, V, f) for k, f in zip(top_k, finite, strict=True)]
-    kmax = max(ks)
-    vals, ids = torch.topk(logp, kmax, dim=-1, sorted=True)  # (B, kmax)
-    kth = vals[torch.arange(B), torch.tensor(ks) - 1]  # (B,)
-    n_ge = (logp >= kth[:, None]).sum(-1).tolist()  # ties at the k-th value are kept too
+    width = min(max(top_k) + 1, V)
+    top_vals, top_ids = torch.topk(logp, width, dim=-1, sorted=True)  # (B, width)
+    vals_all, ids_all = top_vals.cpu(), top_ids.cpu()
     out = []
     for b in range(B):
-        if n_ge[b] > ks[b]:
-            row_ids = torch.nonzero(logp[b] >= kth[b]).squeeze(-1)  # ascending ids
+        vals, ids = vals_all[b], ids_all[b]
+        # never more candidates than tokens with a finite log-prob (a constrained row's logits
+        # are -inf outside what its grammar allows, and -inf must not become a candidate)
+        k = min(top_k[b], V, int(torch.isfinite(vals).sum()))
+        if k < width and vals[k] == vals[k - 1]:  # ties at the k-th value are kept too
+            row_ids = torch.nonzero(logp[b] >= logp[b, ids[k - 1]]).squeeze(-1)  # by id
             order = torch.argsort(logp[b, row_ids], descending=True, stable=True)
             row_ids = row_ids[order]
-            row_vals = logp[b, row_ids]
+            row_vals, row_ids = logp[b, row_ids].cpu(), row_ids.cpu()
         else:
-            row_vals, row_ids = _order_ties_by_id(vals[b, : ks[b]], ids[b, : ks[b]])
+            row_vals, row_ids = _order_ties_by_id(vals[:k], ids[:k])
         n, probs = _top_p_keep(row_vals, top_p[b])
         out.append(Candidates(token_ids=row_ids[:n].clone(), probs=probs[:n].clone()))
     return out

@@ -65,6 +65,9 @@ class EngineConfig:
     # On a CPU in float32, run each projection as a batched matmul over slices of its output
     # rows (weights.split_for_cpu: every thread reads weights; measured ~2x on one-row matmuls).
     split_matmuls: bool = True
+    # Decode forwards padded to shape buckets and replayed as CUDA graphs (graphs.py). None: on
+    # for a GPU (`--enforce-eager` turns it off); True on a CPU runs the padding eagerly (tests).
+    captured_steps: bool | None = None
 
 
 class LLMEngine:
@@ -72,8 +75,11 @@ class LLMEngine:
         self.lm = lm
         self.config = config
         budget = kv_budget(config.kv_cache_memory, config.gpu_memory_utilization, lm.device)
+        captured = (
+            config.captured_steps if config.captured_steps is not None else lm.device.type == "cuda"
+        )
         self.runner = ModelRunner(lm, config.max_running, config.split_matmuls, budget,
-                                  config.prefix_cache_tokens)  # fmt: skip
+                                  config.prefix_cache_tokens, captured)  # fmt: skip
         for note in self.runner.kv_plan.notes:
             log.warning("%s", note)
         self.max_running = self.runner.kv_plan.slots  # admission: a free slot holds a sequence

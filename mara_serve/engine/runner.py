@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mara_serve.engine.errors import UnsupportedModelError
+from mara_serve.engine.graphs import PaddedForward
 from mara_serve.engine.kv_cache import KVCache, KVPlan, bytes_per_position
 from mara_serve.engine.loading import LoadedModel
 from mara_serve.engine.weights import (
@@ -74,10 +75,13 @@ class ModelRunner:
         split_matmuls: bool = True,
         kv_budget: int | None = None,
         kv_reserved_tokens: int = 0,
+        padded_steps: bool = False,
     ):
         """`max_slots` sequences at most; the KV cache is sized once from `kv_budget` bytes
         (None: every slot holds a full-length sequence), `kv_reserved_tokens` positions of it
-        left to the prefix cache (kv_cache.KVPlan; `self.kv_plan` says what it fitted)."""
+        left to the prefix cache (kv_cache.KVPlan; `self.kv_plan` says what it fitted).
+        `padded_steps`: decode forwards run over padded shape buckets, captured as CUDA graphs
+        on a GPU (graphs.py; on a CPU eagerly, for tests)."""
         model = lm.model
         cfg = model.config
         if lm.weights is None:
@@ -124,6 +128,9 @@ class ModelRunner:
                 dummy, torch.arange(max_len, device=self.device)[None]
             )
         self.cos, self.sin = cos[0], sin[0]  # (max_len, d)
+        self.padded = (
+            PaddedForward(self, capture=self.device.type == "cuda") if padded_steps else None
+        )
 
     def attention_kernels(self) -> AbstractContextManager:
         """The SDPA backends a forward may use (GPU_SDPA_BACKENDS on a GPU)."""
@@ -198,6 +205,26 @@ class ModelRunner:
         return x
 
     @torch.inference_mode()
+    def score(self, slots: list[int], lengths: list[int], tokens: list[int], row_of: list[int],
+              col_of: list[int], rank_of: list[int]) -> torch.Tensor:  # fmt: skip
+        """`forward_tokens` from host lists (the decode step's packing): the step's inputs go
+        to the device in one copy and the keys read are known without a device sync; padded
+        and captured (`self.padded`) where a bucket fits. Returns (N, H)."""
+        kmax = max(col_of) + 1
+        num_keys = max(lengths[r] + k for r, k in zip(row_of, rank_of, strict=True)) + 1
+        dense = slots == list(range(len(slots)))
+        if self.padded is not None:
+            shape = self.padded.shape(len(slots), kmax, num_keys, dense)
+            if shape is not None:
+                return self.padded(slots, lengths, tokens, row_of, col_of, rank_of, shape)
+        R, N = len(slots), len(tokens)
+        packed = torch.tensor(lengths + tokens + row_of + col_of + rank_of
+                              + ([] if dense else slots), device=self.device)  # fmt: skip
+        lens, tok, row, col, rank, *rest = packed.split([R, N, N, N, N] + ([] if dense else [R]))
+        return self.forward_tokens(R if dense else rest[0], lens, tok, row, col, kmax, rank,
+                                   num_keys=num_keys)  # fmt: skip
+
+    @torch.inference_mode()
     def forward_tokens(
         self,
         rows: torch.Tensor | int,
@@ -242,12 +269,14 @@ class ModelRunner:
                 x = self._attn_out_and_mlp(layer, x, o)
         return F.rms_norm(x, x.shape[-1:], self.norm_w, self.norm_eps)
 
-    def commit(self, slots: torch.Tensor, lengths: torch.Tensor, ranks: torch.Tensor) -> None:
+    def commit(self, slots: list[int], lengths: list[int], ranks: list[int]) -> None:
         """Keep each row's chosen candidate: its K/V move from length + rank to length."""
-        moving = ranks != 0  # rank 0 already sits at `length`
-        if bool(moving.any()):
-            self.cache.move_positions(slots[moving], lengths[moving] + ranks[moving],
-                                      lengths[moving])  # fmt: skip
+        moving = [i for i, r in enumerate(ranks) if r != 0]  # rank 0 already sits at `length`
+        if moving:
+            where = torch.tensor(
+                [(slots[i], lengths[i] + ranks[i], lengths[i]) for i in moving], device=self.device
+            )  # (M, 3): slot, from, to — one host→device copy
+            self.cache.move_positions(where[:, 0], where[:, 1], where[:, 2])
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -277,7 +306,9 @@ class ModelRunner:
         store position. Empty grid cells see the prefix only (no NaN rows)."""
         t = torch.arange(S, device=self.device)
         visible = (t[None, None] < lengths[:, None, None]).expand(R, kmax, S).clone()
-        visible[row_of, col_of, store_pos.clamp(max=S - 1)] = True
+        own = store_pos.clamp(max=S - 1)  # padding cells store past S (graphs.py)
+        visible.index_put_((row_of, col_of, own), torch.ones((), dtype=torch.bool,
+                                                             device=self.device))  # fmt: skip
         bias = torch.zeros(R, kmax, S, dtype=self.dtype, device=self.device)
         bias.masked_fill_(~visible, float("-inf"))
         # q rows are laid out (g, kmax) per kv head: repeat the mask over the g query heads.

@@ -71,6 +71,11 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}]", "logprobs")
 
+    @property
+    def greedy(self) -> bool:
+        """A plain row takes the argmax (temperature below GREEDY_BELOW, 0 included)."""
+        return self.temperature < GREEDY_BELOW
+
     def mara_top_k(self) -> int:
         return MARA_DEFAULT_TOP_K if self.top_k is None else self.top_k
 
@@ -97,7 +102,7 @@ def sample_token(
 ) -> int:
     """Draw the next token of a plain row from its logits (V,). A temperature below
     GREEDY_BELOW (0 included) is greedy."""
-    if params.temperature < GREEDY_BELOW:
+    if params.greedy:
         return int(torch.argmax(logits))
     scores = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < scores.numel():

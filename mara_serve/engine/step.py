@@ -61,8 +61,13 @@ def _candidate_rows(seqs: list[Sequence]) -> list[_Row]:
         )  # fmt: skip
         for i, c in zip(mara, cands, strict=True):
             rows[i] = _Row(c.token_ids.tolist(), c.probs.tolist())
+    # greedy plain rows: one argmax and one device→host copy for all of them
+    greedy = [i for i, s in enumerate(seqs) if s.agent is None and s.params.greedy]
+    if greedy:
+        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+            rows[i] = _Row([t], [1.0])
     for i, s in enumerate(seqs):
-        if s.agent is None:
+        if rows[i] is None:
             rows[i] = _Row([sample_token(logits[i], s.params, s.generator)], [1.0])
     return rows  # type: ignore[return-value]
 
@@ -98,7 +103,6 @@ def decode_step(
     agent recently accepted rank 0 at least PROBE_THRESHOLD of the time try it alone first.
     """
     rows = _candidate_rows(seqs)
-    device = runner.device
     chosen_hidden: list[torch.Tensor | None] = [None] * len(seqs)
     rank0_hidden: dict[int, torch.Tensor] = {}  # first-round states of rank 0 (fallback)
     pending = list(range(len(seqs)))
@@ -114,16 +118,13 @@ def decode_step(
             row_of += [r_i] * len(chunk)
             col_of += range(len(chunk))
             rank_of += range(row.offset, row.offset + len(chunk))
-        slots = [seqs[i].slot for i in pending]
-        dense = slots == list(range(len(slots)))
-        hidden = runner.forward_tokens(
-            len(slots) if dense else torch.tensor(slots, device=device),
-            torch.tensor([seqs[i].length for i in pending], device=device),
-            torch.tensor(tok, device=device),
-            torch.tensor(row_of, device=device),
-            torch.tensor(col_of, device=device),
-            max(n for _, n in spans.values()),
-            torch.tensor(rank_of, device=device),
+        hidden = runner.score(
+            [seqs[i].slot for i in pending],
+            [seqs[i].length for i in pending],
+            tok,
+            row_of,
+            col_of,
+            rank_of,
         )  # (N, H)
         accept = _judge(seqs, rows, pending, spans, hidden)
         still = []
@@ -158,11 +159,7 @@ def decode_step(
             )
         pending = still
     # Keep only the chosen candidates' K/V; the LM head runs on the chosen states only.
-    runner.commit(
-        torch.tensor([s.slot for s in seqs], device=device),
-        torch.tensor([s.length for s in seqs], device=device),
-        torch.tensor([row.chosen for row in rows], device=device),
-    )
+    runner.commit([s.slot for s in seqs], [s.length for s in seqs], [r.chosen for r in rows])
     logits = runner.logits(torch.stack(chosen_hidden))  # (B, V)
     traces = []
     for i, (s, row) in enumerate(zip(seqs, rows, strict=True)):

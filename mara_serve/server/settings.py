@@ -156,6 +156,11 @@ class Settings(BaseSettings):
         "of its output rows so every thread reads weights (measured +25-55 percent engine "
         "tokens/s on a 2-core AVX2 CPU, same tokens, no extra memory)",
     )
+    enforce_eager: bool = Field(
+        False,
+        description="on a GPU, run every decode forward eagerly instead of replaying CUDA "
+        "graphs captured per padded (rows, candidates, keys) bucket",
+    )
     candidate_chunk_size: int | None = Field(
         None,
         ge=1,
