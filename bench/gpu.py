@@ -10,7 +10,8 @@ bf16 by default. The embedded SmolLM2 runs too.
 For each model and batch size (1/4/16 rows, each with a `--context`-token prompt) it measures
 the engine's decode step (milliseconds, after the prefill, the device synchronised around the
 timed steps) for plain decoding and for MARA with a random agent calibrated to reject about
-half of the candidates (k = 40), all candidates in one forward and chunked; plain decoding
+half of the candidates (k = 40): the engine's default for the device (GPU: chunks of 8, then
+all the rest in a second round), all candidates in one forward, and chunks of 8; plain decoding
 also with CUDA graphs off ("plain eager", `--enforce-eager`), side by side. The bandwidth
 floor of a plain step is (weight bytes + the KV bytes the step reads) ÷ the device's copy
 bandwidth, measured here with one large device-to-device copy; `floor_ratio` = step ÷ floor
@@ -41,6 +42,7 @@ from mara_serve.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from mara_serve.engine.loading import LoadedModel  # noqa: E402
 from mara_serve.engine.reference import reference_generate  # noqa: E402
 from mara_serve.engine.request import Request  # noqa: E402
+from mara_serve.engine.runner import MAX_CANDIDATES  # noqa: E402
 from mara_serve.engine.sampling import SamplingParams  # noqa: E402
 
 # Llama-3.1-8B's shape (config.json of meta-llama/Llama-3.1-8B-Instruct), weights random.
@@ -133,7 +135,8 @@ def decode_ms(
     `rows` running requests of a `context`-token prompt; and the mean candidates per token.
     `captured`: EngineConfig.captured_steps (None: the engine's default for the device)."""
     engine = LLMEngine(lm, EngineConfig(max_running=rows, chunk_size=chunk, probe_top1=False,
-                                        captured_steps=captured))  # fmt: skip
+                                        captured_steps=captured,
+                                        rest_at_once=None if chunk is None else False))  # fmt: skip
     gen = torch.Generator().manual_seed(rows)
     params = SamplingParams(max_new_tokens=steps + 6, ignore_eos=True, temperature=0.0,
                             top_k=TOP_K if agent is not None else None)  # fmt: skip
@@ -287,7 +290,8 @@ def main() -> None:
             runs = {
                 "plain": (None, None, None),
                 "plain eager": (None, None, False),  # CUDA graphs off (--enforce-eager)
-                "mara all-at-once": (agent, None, None),
+                "mara default": (agent, None, None),  # the engine's choice for the device
+                "mara all-at-once": (agent, MAX_CANDIDATES, None),
                 f"mara chunk={CHUNK}": (agent, CHUNK, None),
             }
             for mode, (a, chunk, captured) in runs.items():

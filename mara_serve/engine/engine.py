@@ -38,6 +38,7 @@ from mara_serve.engine.step import decode_step
 log = logging.getLogger(__name__)
 
 CPU_CHUNK_SIZE = 4
+GPU_CHUNK_SIZE = 8
 Result = tuple[list[int], list[TokenTrace], str]  # token ids, traces, finish reason
 
 
@@ -46,9 +47,13 @@ class EngineConfig:
     max_running: int = 16  # cache slots = rows of the running batch (fewer if the KV budget says)
     max_waiting: int = 256  # bounded queue; beyond it add_request raises QueueFullError
     # Candidates judged per forward (a value >= top_k: all at once). None picks by device, as
-    # measured by bench/decode.py: 4 on CPU (a forward of 40 tokens costs ~2.5x one token
-    # there), all at once on GPU (extra tokens are nearly free when decoding is memory-bound).
+    # measured by bench/decode.py and bench/gpu.py: 4 on CPU (a forward of 40 tokens costs
+    # ~2.5x one token there), 8 on GPU (at 16 rows x 40 candidates an 8B forward is
+    # compute-bound: all at once measured 33.5 ms a step vs 20.9 for chunks of 8 on an H200).
     chunk_size: int | None = None
+    # After a row's first chunk is all rejected, judge all its remaining candidates in one
+    # forward (at most two rounds: each round costs a sync and a launch). None: on for GPU.
+    rest_at_once: bool | None = None
     # Rows whose agent keeps accepting the top-1 try it alone first (None: on for CPU only).
     probe_top1: bool | None = None
     max_prefill_tokens: int = 4096  # prompt tokens prefilled per step (keeps inter-token latency)
@@ -88,8 +93,9 @@ class LLMEngine:
         self.chunk_size = (
             config.chunk_size
             if config.chunk_size is not None
-            else (CPU_CHUNK_SIZE if on_cpu else None)
+            else (CPU_CHUNK_SIZE if on_cpu else GPU_CHUNK_SIZE)
         )
+        self.rest_at_once = config.rest_at_once if config.rest_at_once is not None else not on_cpu
         self.probe_top1 = config.probe_top1 if config.probe_top1 is not None else on_cpu
         self.max_model_len = self.runner.max_len
         self._lock = threading.Lock()
@@ -321,7 +327,8 @@ class LLMEngine:
         # a neighbour faulted).
         rng = {id(s): s.generator.get_state() for s in self.running if s.generator is not None}
         try:
-            traces = decode_step(self.runner, self.running, self.chunk_size, self.probe_top1)
+            traces = decode_step(self.runner, self.running, self.chunk_size, self.probe_top1,
+                                     self.rest_at_once)  # fmt: skip
             results: list[tuple[Sequence, list[TokenTrace] | Exception]] = [
                 (s, [t]) for s, t in zip(self.running, traces, strict=True)
             ]
@@ -336,7 +343,13 @@ class LLMEngine:
                     results.append(
                         (
                             seq,
-                            decode_step(self.runner, [seq], self.chunk_size, self.probe_top1),
+                            decode_step(
+                                self.runner,
+                                [seq],
+                                self.chunk_size,
+                                self.probe_top1,
+                                self.rest_at_once,
+                            ),
                         )
                     )
                 except Exception as e:

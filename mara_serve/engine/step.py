@@ -75,7 +75,9 @@ def _candidate_rows(seqs: list[Sequence]) -> list[_Row]:
 PROBE_THRESHOLD = 0.75  # probe rank 0 alone when a row's agent accepted it this often lately
 
 
-def _round_size(row: _Row, seq: Sequence, chunk_size: int | None, probe: bool) -> int:
+def _round_size(
+    row: _Row, seq: Sequence, chunk_size: int | None, probe: bool, rest_at_once: bool
+) -> int:
     """How many of a row's remaining candidates this round evaluates.
 
     Any split gives the same tokens (each candidate sees prefix + itself only); this is purely
@@ -83,11 +85,15 @@ def _round_size(row: _Row, seq: Sequence, chunk_size: int | None, probe: bool) -
     row whose agent has mostly accepted the top-1 lately (a trained agent on benign text)
     first tries rank 0 alone; a row whose agent keeps rejecting everything (it will judge the
     whole list anyway) gets all its candidates in one forward instead of chunk after chunk.
+    With `rest_at_once` (GPUs: a round costs a launch and a sync more than its tokens) a row
+    whose first chunk was all rejected gets all the rest in its second round.
     """
     if probe and row.offset == 0 and row.needs_agent and seq.rank0_rate >= PROBE_THRESHOLD:
         return 1
     if chunk_size is None or seq.fallback_rate >= PROBE_THRESHOLD:
         return len(row.cands)
+    if rest_at_once and row.offset > 0:
+        return len(row.cands) - row.offset
     return chunk_size
 
 
@@ -96,11 +102,13 @@ def decode_step(
     seqs: list[Sequence],
     chunk_size: int | None = None,
     probe_top1: bool = True,
+    rest_at_once: bool = False,
 ) -> list[TokenTrace]:
     """Advance every sequence by one token; returns the trace of each emitted token.
 
     chunk_size: candidates per round (None: all remaining at once). probe_top1: rows whose
     agent recently accepted rank 0 at least PROBE_THRESHOLD of the time try it alone first.
+    rest_at_once: a row's second round judges all its remaining candidates (`_round_size`).
     """
     rows = _candidate_rows(seqs)
     chosen_hidden: list[torch.Tensor | None] = [None] * len(seqs)
@@ -111,7 +119,7 @@ def decode_step(
         tok, row_of, col_of, rank_of, spans = [], [], [], [], {}
         for r_i, i in enumerate(pending):
             row = rows[i]
-            m = _round_size(row, seqs[i], chunk_size, probe_top1)
+            m = _round_size(row, seqs[i], chunk_size, probe_top1, rest_at_once)
             chunk = row.cands[row.offset : row.offset + m]
             spans[i] = (len(tok), len(chunk))
             tok += chunk

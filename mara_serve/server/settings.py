@@ -165,7 +165,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="judge candidates m at a time; >= top_k means all in one forward "
-        "(default: 4 on CPU, all at once on GPU)",
+        "(default: 4 on CPU; 8 on GPU, then all the rest in a second round)",
     )
 
     # ---- request limits (each violation is a 4xx, never a 500) ---------------------------

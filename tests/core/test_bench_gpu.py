@@ -26,7 +26,9 @@ def run_bench(*args: str) -> dict:
 def check(result: dict) -> None:
     rows = result["results"]
     assert {(r["rows"], r["mode"]) for r in rows} == {
-        (n, m) for n in (1, 4) for m in ("plain", "plain eager", "mara all-at-once", "mara chunk=8")
+        (n, m)
+        for n in (1, 4)
+        for m in ("plain", "plain eager", "mara default", "mara all-at-once", "mara chunk=8")
     }
     assert all(r["ms_per_step"] > 0 and r["floor_ms"] > 0 for r in rows)
     assert all(r["floor_ratio"] == pytest.approx(r["ms_per_step"] / r["floor_ms"], rel=0.05)

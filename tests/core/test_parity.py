@@ -51,6 +51,23 @@ def test_batch_of_one_equals_reference(tiny_lm, agents, mode, chunk_size):
         assert [t.candidates for t in got[1]] == [t.candidates for t in want_traces]
 
 
+def test_rest_at_once_judges_in_two_rounds_at_most(tiny_lm, agents):
+    """The GPU policy: a row whose first chunk is all rejected gets all the rest next round;
+    same tokens as the reference, and never more than two forwards a step."""
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=4, chunk_size=2, probe_top1=False,
+                                             rest_at_once=True))  # fmt: skip
+    forwards, score = [], engine.runner.score
+    engine.runner.score = lambda *a: forwards.append(engine.num_steps) or score(*a)
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    modes = ["reject", "half", "reject", "half"]
+    reqs = [Request(str(i), PROMPTS[i], params, agents[m]) for i, m in enumerate(modes)]
+    got = engine.generate(reqs)
+    for r in reqs:
+        assert got[r.request_id][0] == reference(tiny_lm, r.prompt_token_ids, r.agent, params)[0]
+    per_step = [forwards.count(s) for s in set(forwards)]
+    assert max(per_step) == 2  # rejecting rows took a second round, and only one
+
+
 @pytest.mark.parametrize(
     ("chunk_size", "probe_top1"), [(ALL, True), (ALL, False), (4, False), (None, None)]
 )
