@@ -22,13 +22,12 @@ check padded == unpadded without a GPU. The prefill stays eager (large and GPU-b
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from mara_serve.engine.runner import ModelRunner
+from mara_serve.engine.kv_cache import KVCache
 
 # Candidates per row: steps of ~1.5x, so a round of 40 candidates pads to 40, not 64.
 CANDIDATE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 48, 64, 96, 128, 192, 256)
@@ -57,11 +56,14 @@ class _Graph:
 
 
 class PaddedForward:
-    """`runner.forward_tokens` over padded buckets; captured as CUDA graphs when `capture`."""
+    """`forward` (ModelRunner.forward_tokens) over padded buckets of `cache`'s slots and
+    positions; captured as CUDA graphs when `capture`."""
 
-    def __init__(self, runner: ModelRunner, capture: bool, max_graphs: int = 256,
-                 max_tokens: int = 2048):  # fmt: skip
-        self.runner = runner
+    def __init__(self, forward: Callable[..., torch.Tensor], cache: KVCache, capture: bool,
+                 max_graphs: int = 256, max_tokens: int = 2048):  # fmt: skip
+        self.forward = forward
+        self.cache = cache
+        self.device = cache.device
         self.capture = capture
         self.max_graphs = max_graphs
         self.max_tokens = max_tokens  # larger grids run eagerly unpadded (GPU-bound anyway)
@@ -72,7 +74,7 @@ class PaddedForward:
 
     def shape(self, num_rows: int, kmax: int, num_keys: int, dense: bool) -> tuple | None:
         """The bucket (R_b, K_b, S_b, dense) of a forward, or None when it runs unpadded."""
-        cache = self.runner.cache
+        cache = self.cache
         rows = bucket(num_rows, ROW_BUCKETS, cache.num_slots if dense else num_rows)
         rows = max(rows, num_rows)
         cands = bucket(kmax, CANDIDATE_BUCKETS, kmax)
@@ -86,7 +88,7 @@ class PaddedForward:
         """Final hidden states (N, H) of the N packed tokens (as forward_tokens' arguments)."""
         R_b, K_b, S_b, dense = shape
         cells = R_b * K_b
-        last = self.runner.cache.capacity - 1
+        last = self.cache.capacity - 1
         lengths_p = lengths + [0] * (R_b - len(lengths))
         tok = [0] * cells
         rank = [last - lengths_p[c // K_b] for c in range(cells)]  # padding: stored at `last`
@@ -104,7 +106,7 @@ class PaddedForward:
             g.graph.replay()
             out = g.output
         else:
-            out = self._run(host.to(self.runner.device), shape)
+            out = self._run(host.to(self.device), shape)
         self.replays += 1
         # index_select copies: the next replay of any graph of the pool overwrites `out`
         if len(real) == cells and self.capture:
@@ -119,7 +121,7 @@ class PaddedForward:
             [R_b, n, n, n, n] + ([] if dense else [R_b])
         )
         rows = R_b if dense else slots[0]
-        return self.runner.forward_tokens(rows, lengths, tok, row_of, col_of, K_b, rank,
+        return self.forward(rows, lengths, tok, row_of, col_of, K_b, rank,
                                           num_keys=S_b)  # fmt: skip
 
     def _graph(self, shape: tuple) -> _Graph:
@@ -130,12 +132,12 @@ class PaddedForward:
         R_b, K_b, _, dense = shape
         n = R_b * K_b
         grid = torch.arange(n)
-        last = self.runner.cache.capacity - 1
+        last = self.cache.capacity - 1
         # An all-padding grid for warm-up and capture: every write goes to a `last` position.
         init = torch.cat([torch.zeros(R_b + n, dtype=torch.long), grid // K_b, grid % K_b,
                           torch.full((n,), last), torch.zeros(0 if dense else R_b,
                                                               dtype=torch.long)])  # fmt: skip
-        device = self.runner.device
+        device = self.device
         inputs = init.to(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))

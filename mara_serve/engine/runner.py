@@ -129,7 +129,9 @@ class ModelRunner:
             )
         self.cos, self.sin = cos[0], sin[0]  # (max_len, d)
         self.padded = (
-            PaddedForward(self, capture=self.device.type == "cuda") if padded_steps else None
+            PaddedForward(self.forward_tokens, self.cache, capture=self.device.type == "cuda")
+            if padded_steps
+            else None
         )
 
     def attention_kernels(self) -> AbstractContextManager:
