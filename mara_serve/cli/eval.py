@@ -51,6 +51,11 @@ def add_parser(sub) -> None:  # sub: the `mara` parser's subparsers
     e.add_argument(
         "--update-card", action="store_true", help="write the summary into the agent's agent.json"
     )
+    e.add_argument(
+        "--reachability", action="store_true",
+        help="also measure the reachability ceiling: on how many harmful prompts a refusal "
+        "opening is among the candidates at all (several top-k/top-p settings)",
+    )  # fmt: skip
     e.set_defaults(run=run)
 
 
@@ -87,7 +92,34 @@ def markdown(report: dict) -> str:
     lines += ["| target | value | goal | met |", "| --- | --- | --- | --- |"]
     for key, t in report["targets"].items():
         lines.append(f"| {key} | {t['value']} | {t['target']} | {'yes' if t['met'] else 'no'} |")
+    for title, key in (("harm category", "by_category"), ("harm keyword", "by_keyword")):
+        groups = report.get("harmful_breakdown", {}).get(key)
+        if groups:
+            lines += ["", f"| harmful refusal by {title} | n | base | aligned (95 % CI) |",
+                      "| --- | --- | --- | --- |"]  # fmt: skip
+            for g, modes in groups.items():
+                base, al = modes["base"], modes["aligned"]
+                lines.append(f"| {g} | {base['n']} | {base['refusal_rate']:.1%} | "
+                             f"{al['refusal_rate']:.1%} {_ci(al['refusal_ci95'])} |")  # fmt: skip
+    reach = report.get("reachability")
+    if reach:
+        lines += [
+            "",
+            f"Reachability ceiling ({reach['n']} harmful prompts): the share where a refusal "
+            "opening is among the candidates token by token (first token only in brackets).",
+            "",
+            "| top-k | top-p | reachable (95 % CI) | first token | median first-token rank |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for st in reach["settings"]:
+            lines.append(f"| {st['top_k']} | {st['top_p']} | {st['full']:.1%} "
+                         f"{_ci(st['full_ci95'])} | ({st['first_token']:.1%}) | "
+                         f"{_fmt('{}', st['median_first_rank'])} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _ci(ci) -> str:
+    return "" if not ci else f"[{ci[0]:.0%}, {ci[1]:.0%}]"
 
 
 def _examples(samples: list[Sample], k: int) -> list[tuple[Sample, Sample]]:
@@ -121,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         seed=args.seed,
         progress=not args.no_progress,
+        reachability=args.reachability,
     )
     report, samples = run_eval(lm, agent, cfg)
     out = Path(args.out)

@@ -75,6 +75,7 @@ class Prompt:
     text: str
     label: str | None = None  # "harmful" | "benign" | None
     source: str = ""  # file name (and HH subset), for the logs
+    category: str = ""  # the record's harm category / topic where the file has one
 
 
 def is_clearly_harmful(text: str) -> bool:
@@ -132,7 +133,9 @@ def load_prompts(spec: str | Path, label: str | None = None) -> list[Prompt]:
         if not isinstance(text, str) or len(text.strip()) < MIN_PROMPT_CHARS:
             continue
         source = path.name if "source" not in record else f"{path.name}/{record['source']}"
-        out.append(Prompt(text.strip(), _record_label(record, file_label, path), source))
+        category = record.get("category", record.get("topic", ""))
+        out.append(Prompt(text.strip(), _record_label(record, file_label, path), source,
+                          category if isinstance(category, str) else str(category)))  # fmt: skip
     if not out:
         raise PromptFileError(f"{path}: no usable prompts (records need an 'instruction' string)")
     return out
