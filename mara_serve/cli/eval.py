@@ -35,6 +35,11 @@ def add_parser(sub) -> None:  # sub: the `mara` parser's subparsers
     e.add_argument("--harmful", nargs="+", default=[], metavar="FILE", help="harmful prompts")
     e.add_argument("--benign", nargs="+", default=[], metavar="FILE", help="benign prompts")
     e.add_argument(
+        "--alarming", nargs="+", default=[], metavar="FILE",
+        help="benign prompts that use alarming words (e.g. data/prompts/AlarmingBenign/test.json):"
+        " their over-refusal is reported apart",
+    )  # fmt: skip
+    e.add_argument(
         "-n",
         type=optional_int,
         default=100,
@@ -134,8 +139,8 @@ def _examples(samples: list[Sample], k: int) -> list[tuple[Sample, Sample]]:
 
 def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
-    if not args.harmful and not args.benign:
-        raise SystemExit("error: give --harmful and/or --benign prompt files")
+    if not args.harmful and not args.benign and not args.alarming:
+        raise SystemExit("error: give --harmful, --benign and/or --alarming prompt files")
     lm = load_model(model_config(args))
     path = agent_path(args)
     if path is None:
@@ -147,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         harmful=tuple(args.harmful),
         benign=tuple(args.benign),
+        alarming=tuple(args.alarming),
         n_per_file=args.n,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
@@ -210,6 +216,9 @@ def _update_card(agent_path: Path, report: dict, args: argparse.Namespace) -> No
         },
         "harmful_files": report["harmful_files"],
         "benign_files": report["benign_files"],
+        "alarming_files": report.get("alarming_files", []),
+        "harmful_breakdown": report.get("harmful_breakdown", {}),
+        **({"reachability": report["reachability"]} if "reachability" in report else {}),
         "n_per_file": report["n_per_file"],
         "max_new_tokens": report["max_new_tokens"],
         "seed": report["seed"],

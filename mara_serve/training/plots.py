@@ -74,7 +74,8 @@ def plot_eval(report: dict, path: Path) -> Path:
     """Bars of base vs aligned: refusal on harmful, over-refusal on benign, perplexity."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    groups = [("harmful", "refusal rate\n(harmful)"), ("benign", "refusal rate\n(benign)")]
+    groups = [("harmful", "refusal rate\n(harmful)"), ("benign", "refusal rate\n(benign)"),
+              ("alarming", "refusal rate\n(alarming)")]  # fmt: skip
     labels, base, aligned = [], [], []
     for split, label in groups:
         if split in report["splits"]:

@@ -62,8 +62,12 @@ def test_eval_reports_intervals_breakdowns_and_reachability(tiny_lm, tmp_path, m
         {"instruction": make_prompt_text(i), "category": "cat-a" if i % 2 else "cat-b"}
         for i in range(4)
     ]))  # fmt: skip
-    cfg = EvalConfig(harmful=(str(harmful),), n_per_file=None, max_new_tokens=4, batch_size=4,
-                     reachability=True)  # fmt: skip
+    alarming = tmp_path / "alarming.json"
+    alarming.write_text(json.dumps([
+        {"instruction": make_prompt_text(20 + i), "label": "benign"} for i in range(3)
+    ]))  # fmt: skip
+    cfg = EvalConfig(harmful=(str(harmful),), alarming=(str(alarming),), n_per_file=None,
+                     max_new_tokens=4, batch_size=4, reachability=True)  # fmt: skip
     report, _ = run_eval(tiny_lm, make_agent("half", lm=tiny_lm), cfg)
     base = report["splits"]["harmful"]["base"]
     lo, hi = base["refusal_ci95"]
@@ -71,5 +75,7 @@ def test_eval_reports_intervals_breakdowns_and_reachability(tiny_lm, tmp_path, m
     assert set(report["harmful_breakdown"]["by_category"]) == {"cat-a", "cat-b"}
     assert sum(g["aligned"]["n"] for g in report["harmful_breakdown"]["by_keyword"].values()) == 4
     assert report["reachability"]["n"] == 4 and len(report["reachability"]["settings"]) == 4
+    assert report["splits"]["alarming"]["aligned"]["n"] == 3
+    assert "over_refusal_alarming_points" in report["targets"]
     table = markdown(report)
     assert "Reachability ceiling (4 harmful prompts)" in table and "| cat-a | 2 |" in table
