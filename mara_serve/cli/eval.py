@@ -65,7 +65,10 @@ def add_parser(sub) -> None:  # sub: the `mara` parser's subparsers
 
 
 _ROWS = (
-    ("refusal rate", "refusal_rate", "{:.1%}"),
+    ("refusal rate (opening detector)", "refusal_rate", "{:.1%}"),
+    ("refusal rate (independent judge)", "judged_refusal_rate", "{:.1%}"),
+    ("refuse-then-comply rate (judge)", "refuse_then_comply_rate", "{:.1%}"),
+    ("detectors agree", "detectors_agreement", "{:.1%}"),
     ("degenerate rate", "degenerate_rate", "{:.1%}"),
     ("mean length (tokens)", "mean_length", "{:.1f}"),
     ("perplexity (base model)", "perplexity", "{:.2f}"),

@@ -95,7 +95,7 @@ def test_train_then_eval_from_the_command_line(tiny_model_dir, prompt_files, tmp
     )
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "| refusal rate |" in printed
+    assert "| refusal rate (independent judge) |" in printed
     for name in ("eval.json", "eval.md", "eval.png", "samples.jsonl"):
         assert (report_dir / name).is_file(), name
     report = json.loads((report_dir / "eval.json").read_text())

@@ -53,6 +53,7 @@ def test_report_shape_and_numbers(tiny_lm, prompt_files, tmp_path):
     assert s["perplexity_ratio"] == pytest.approx(s["perplexity_aligned"] / s["perplexity_base"])
     assert set(report["targets"]) == {
         "refusal_gain_points",
+        "judged_harmful_refusal_percent",
         "over_refusal_points",
         "perplexity_ratio",
     }
@@ -67,7 +68,7 @@ def test_report_shape_and_numbers(tiny_lm, prompt_files, tmp_path):
     assert sample.nll == pytest.approx(float(nll), rel=1e-4)
 
     table = markdown(report)
-    assert "| refusal rate |" in table and "perplexity_ratio" in table
+    assert "| refusal rate (opening detector) |" in table and "perplexity_ratio" in table
     png = plot_eval(report, tmp_path / "eval.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
