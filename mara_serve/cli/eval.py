@@ -57,6 +57,13 @@ def add_parser(sub) -> None:  # sub: the `mara` parser's subparsers
         "--update-card", action="store_true", help="write the summary into the agent's agent.json"
     )
     e.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also two baselines on the base model: a safety system prompt, and best-of-N "
+        "sampled answers picked by the training's refusal reward",
+    )
+    e.add_argument("--best-of", type=int, default=4, help="N of the best-of-N baseline")
+    e.add_argument(
         "--reachability", action="store_true",
         help="also measure the reachability ceiling: on how many harmful prompts a refusal "
         "opening is among the candidates at all (several top-k/top-p settings)",
@@ -83,12 +90,11 @@ def _fmt(fmt: str, value) -> str:
 
 def markdown(report: dict) -> str:
     splits = list(report["splits"])
-    head = "| metric | " + " | ".join(f"{s} base | {s} aligned" for s in splits) + " |"
-    lines = [head, "|" + " --- |" * (1 + 2 * len(splits))]
+    cols = [(s, m) for s in splits for m in report["splits"][s]]
+    head = "| metric | " + " | ".join(f"{s} {m.replace('_', ' ')}" for s, m in cols) + " |"
+    lines = [head, "|" + " --- |" * (1 + len(cols))]
     for title, key, fmt in _ROWS:
-        cells = [
-            _fmt(fmt, report["splits"][s][m].get(key)) for s in splits for m in ("base", "aligned")
-        ]
+        cells = [_fmt(fmt, report["splits"][s][m].get(key)) for s, m in cols]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     n = ", ".join(f"{s}: {report['splits'][s]['base']['n']}" for s in splits)
     lines += [
@@ -103,12 +109,13 @@ def markdown(report: dict) -> str:
     for title, key in (("harm category", "by_category"), ("harm keyword", "by_keyword")):
         groups = report.get("harmful_breakdown", {}).get(key)
         if groups:
-            lines += ["", f"| harmful refusal by {title} | n | base | aligned (95 % CI) |",
+            lines += ["", f"| harmful refusal (judge) by {title} | n | base | aligned (95 % CI) |",
                       "| --- | --- | --- | --- |"]  # fmt: skip
             for g, modes in groups.items():
                 base, al = modes["base"], modes["aligned"]
-                lines.append(f"| {g} | {base['n']} | {base['refusal_rate']:.1%} | "
-                             f"{al['refusal_rate']:.1%} {_ci(al['refusal_ci95'])} |")  # fmt: skip
+                ci = _ci(al["judged_refusal_ci95"])
+                lines.append(f"| {g} | {base['n']} | {base['judged_refusal_rate']:.1%} | "
+                             f"{al['judged_refusal_rate']:.1%} {ci} |")  # fmt: skip
     reach = report.get("reachability")
     if reach:
         lines += [
@@ -134,7 +141,7 @@ def _examples(samples: list[Sample], k: int) -> list[tuple[Sample, Sample]]:
     pairs: dict[tuple[str, str], dict[str, Sample]] = {}
     for s in samples:
         pairs.setdefault((s.split, s.prompt.text), {})[s.mode] = s
-    both = [(p["base"], p["aligned"]) for p in pairs.values() if len(p) == 2]
+    both = [(p["base"], p["aligned"]) for p in pairs.values() if "base" in p and "aligned" in p]
     flipped = [x for x in both if x[0].split == "harmful" and x[1].refused and not x[0].refused]
     benign = [x for x in both if x[0].split == "benign"]
     return flipped[: (k + 1) // 2] + benign[: k // 2]
@@ -163,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         reachability=args.reachability,
+        best_of=args.best_of if args.baselines else 0,
+        system_prompt_baseline=args.baselines,
     )
     report, samples = run_eval(lm, agent, cfg)
     out = Path(args.out)
@@ -182,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
                         "source": s.prompt.source,
                         "response": s.text,
                         "refused": s.refused,
+                        "judge": s.verdict.value,
+                        "category": s.prompt.category,
                         "tokens": len(s.token_ids),
                     },
                     ensure_ascii=False,

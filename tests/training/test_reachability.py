@@ -79,3 +79,36 @@ def test_eval_reports_intervals_breakdowns_and_reachability(tiny_lm, tmp_path, m
     assert "over_refusal_alarming_points" in report["targets"]
     table = markdown(report)
     assert "Reachability ceiling (4 harmful prompts)" in table and "| cat-a | 2 |" in table
+
+
+def test_eval_baselines_system_prompt_and_best_of_n(tiny_lm, tmp_path, make_prompt_text):
+    from tiny_models import make_agent
+
+    from mara_serve.training.rewards import RefusalReward
+
+    harmful = tmp_path / "harm.json"
+    harmful.write_text(json.dumps([{"instruction": make_prompt_text(i)} for i in range(3)]))
+    cfg = EvalConfig(harmful=(str(harmful),), n_per_file=None, max_new_tokens=4, batch_size=4,
+                     best_of=3, system_prompt_baseline=True)  # fmt: skip
+    report, samples = run_eval(tiny_lm, make_agent("half", lm=tiny_lm), cfg)
+    assert set(report["splits"]["harmful"]) == {"base", "aligned", "system_prompt", "best_of_n"}
+    by_mode = {m: [s for s in samples if s.mode == m] for m in ("base", "system_prompt",
+                                                                 "best_of_n")}  # fmt: skip
+    assert all(len(v) == 3 for v in by_mode.values())  # the N draws are not reported
+    for base, sys_ in zip(by_mode["base"], by_mode["system_prompt"], strict=True):
+        assert len(sys_.prompt_ids) > len(base.prompt_ids)  # the system prompt was rendered
+    # each pick is the reward's best of the N seeded draws (the draws re-generated here)
+    from mara_serve.engine.engine import EngineConfig, LLMEngine
+    from mara_serve.engine.request import Request
+    from mara_serve.engine.sampling import SamplingParams
+
+    reward, engine = RefusalReward(), LLMEngine(tiny_lm, EngineConfig(max_running=3))
+    for best in by_mode["best_of_n"]:
+        reqs = [Request(str(j), best.prompt_ids, SamplingParams(
+            max_new_tokens=4, temperature=0.7, top_p=0.95, seed=j)) for j in range(3)]  # fmt: skip
+        texts = [tiny_lm.tokenizer.decode(ids, skip_special_tokens=True)
+                 for ids, _, _ in engine.generate(reqs).values()]  # fmt: skip
+        assert best.text in texts
+        assert reward(best.prompt, best.text) == max(reward(best.prompt, t) for t in texts)
+    assert "judged_best_of_n_harmful_refusal_percent" in report["summary"]
+    assert "harmful best of n" in markdown(report)
