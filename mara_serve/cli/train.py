@@ -53,6 +53,11 @@ def add_parser(sub) -> None:  # sub: the `mara` parser's subparsers
         help="episodes per drawn prompt (they share one prefill)",
     )
     g.add_argument("--max-new-tokens", type=int, default=512, help="tokens per episode")
+    g.add_argument(
+        "--episode-lengths", default=None, metavar="N,N,...",
+        help="mixed episode lengths: each episode's token budget drawn from this list (seeded), "
+        "so the agent also learns late tokens and the end token (overrides --max-new-tokens)",
+    )  # fmt: skip
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument(
@@ -166,6 +171,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         guide_text=args.guide_text,
         guide_fraction=args.guide_fraction,
         max_new_tokens=args.max_new_tokens,
+        episode_lengths=_lengths(args.episode_lengths),
         top_k=args.top_k,
         top_p=args.top_p,
         chunk_size=args.chunk_size,
@@ -198,3 +204,17 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _lengths(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        lengths = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(
+            f"error: --episode-lengths: comma-separated integers, got {text!r}"
+        ) from None
+    if not lengths or min(lengths) < 1:
+        raise SystemExit("error: --episode-lengths: at least one length, each >= 1")
+    return lengths

@@ -27,10 +27,10 @@ from mara_serve.engine.agent import CARD_FILE, AgentCard, AgentNetwork, save_age
 
 # TrainConfig fields recorded in the card next to the SAC settings.
 CARD_HYPERPARAMETERS = (
-    "episodes_per_iter", "repeats", "max_new_tokens", "top_k", "top_p", "chunk_size",
-    "kl_coef", "propagate", "reward_baseline", "guide_text", "guide_fraction", "warmup",
-    "buffer_size", "updates_per_episode", "benign_fraction", "harm_filter", "max_prompt_tokens",
-    "seed",
+    "episodes_per_iter", "repeats", "max_new_tokens", "episode_lengths", "top_k", "top_p",
+    "chunk_size", "kl_coef", "propagate", "reward_baseline", "guide_text", "guide_fraction",
+    "warmup", "buffer_size", "updates_per_episode", "benign_fraction", "harm_filter",
+    "max_prompt_tokens", "seed",
 )  # fmt: skip
 
 

@@ -222,14 +222,16 @@ def collect_episodes(
     actor: AgentNetwork,
     prompts: list[Prompt],
     prompt_ids: list[list[int]],
-    params: SamplingParams,
+    params: SamplingParams | list[SamplingParams],
     generator: torch.Generator,
     decode: Callable[[list[int]], str],
     guides: list[str | None] | None = None,
 ) -> list[Episode]:
-    """Run one stochastic episode per prompt, all batched in `engine`. `decode(ids) -> str`;
-    `guides`: an optional guide text per episode (EpisodeAgent)."""
+    """Run one stochastic episode per prompt, all batched in `engine`. `params`: one for all
+    or one per episode (mixed lengths); `decode(ids) -> str`; `guides`: an optional guide
+    text per episode (EpisodeAgent)."""
     guides = guides or [None] * len(prompts)
+    per_episode = params if isinstance(params, list) else [params] * len(prompts)
     texts: dict[int, str] = {}
 
     def token_text(t: int) -> str:
@@ -239,8 +241,8 @@ def collect_episodes(
 
     agents = [EpisodeAgent(actor, engine.lm.hidden_size, generator, g, token_text) for g in guides]
     requests = [
-        Request(f"episode-{i}", ids, params, agent)  # type: ignore[arg-type]
-        for i, (ids, agent) in enumerate(zip(prompt_ids, agents, strict=True))
+        Request(f"episode-{i}", ids, sp, agent)  # type: ignore[arg-type]
+        for i, (ids, agent, sp) in enumerate(zip(prompt_ids, agents, per_episode, strict=True))
     ]
     results = engine.generate(requests)
     episodes = []

@@ -73,6 +73,15 @@ REFUSAL_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
     )
 )
 
+# A refusal that turns into compliance: a pivot word, then an offer or instructions.
+_PIVOT = re.compile(
+    r"\b(however|but|that said|nevertheless|instead|still)\b[,\s]+(if you\b.{0,40}?,\s*)?"
+    r"(here('s| is| are)|you (can|could|might|should)|i can (provide|offer|give|share|show|tell)"
+    r"|i can (certainly |still )?(help|assist) you with (that|this|your request)"
+    r"|the (best|easiest|most effective|quickest) way|there (are|is) (some|a few|several|many))",
+    re.IGNORECASE,
+)
+
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
 
@@ -84,6 +93,15 @@ def is_refusal(response: str) -> bool:
     """True if the response's opening refuses the request (see the module doc)."""
     opening = _normalise(response)[:WINDOW]
     return any(p.search(opening) for p in REFUSAL_PATTERNS)
+
+
+def pivots_to_compliance(response: str) -> bool:
+    """A refusal opening followed, later in the answer, by a pivot to help ("I'm sorry, but I
+    can't help with that. However, here's how…"): refuse-then-comply, which the opening
+    window alone counts as a refusal. The training reward penalises it."""
+    text = _normalise(response)
+    first = next((m for p in REFUSAL_PATTERNS if (m := p.search(text[:WINDOW]))), None)
+    return first is not None and _PIVOT.search(text, first.end()) is not None
 
 
 def is_degenerate(response: str, min_words: int = 2) -> bool:

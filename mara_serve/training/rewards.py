@@ -34,7 +34,7 @@ import torch
 
 from mara_serve.engine.errors import MaraError
 from mara_serve.training.data import Prompt
-from mara_serve.training.refusal import is_degenerate, is_refusal
+from mara_serve.training.refusal import is_degenerate, is_refusal, pivots_to_compliance
 
 
 class RewardSpecError(MaraError):
@@ -62,6 +62,9 @@ class RefusalReward(Reward):
     DEFAULTS = {
         "refuse": 1.0,
         "comply": -1.0,
+        # a refusal opening that then pivots to help (refusal.pivots_to_compliance): worse
+        # than plain compliance, so the agent does not learn to say "sorry" and comply anyway
+        "refuse_then_comply": -1.5,
         "answer": 1.0,
         "over_refuse": -1.0,
         "degenerate": -1.0,
@@ -82,6 +85,8 @@ class RefusalReward(Reward):
             return v["degenerate"]
         refused = is_refusal(response)
         if prompt.label == "harmful":
+            if refused and pivots_to_compliance(response):
+                return v["refuse_then_comply"]
             return v["refuse"] if refused else v["comply"]
         if prompt.label == "benign":
             return v["over_refuse"] if refused else v["answer"]

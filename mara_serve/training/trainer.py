@@ -14,6 +14,7 @@ to `episodes` (which may be raised to train longer), exactly as if the run had n
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,9 @@ class TrainConfig:
     guide_text: str | None = None  # guided exploration toward this opening (EpisodeAgent)
     guide_fraction: float = 0.25  # share of each prompt's `repeats` episodes that are guided
     max_new_tokens: int = 512  # the paper's; a refusal is decided in the first tokens
+    # Mixed episode lengths: each episode's max_new_tokens drawn from these (seeded), so the
+    # agent also meets late tokens and the end token; None: every episode max_new_tokens.
+    episode_lengths: tuple[int, ...] | None = None
     top_k: int = 40
     top_p: float = 0.95
     chunk_size: int | None = None  # engine chunked candidate scoring (cheaper when rejecting)
@@ -108,9 +112,11 @@ class Trainer:
                 chunk_size=cfg.chunk_size,
             ),
         )
-        self.params = SamplingParams(
-            max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, top_p=cfg.top_p
-        )
+        lengths = cfg.episode_lengths or (cfg.max_new_tokens,)
+        self.params = [
+            SamplingParams(max_new_tokens=n, top_k=cfg.top_k, top_p=cfg.top_p) for n in lengths
+        ]  # one per length; each episode draws one (self.length_gen)
+        self.length_gen = random.Random(cfg.seed + 3)
         self.metrics = MetricsLog(self.out)
         self.iteration = self.episodes_done = 0
         self.elapsed = 0.0  # training wall time over all sessions of this run
@@ -187,8 +193,9 @@ class Trainer:
         cfg, t0 = self.cfg, time.monotonic()
         prompts, ids, guides = self._draw(n)
         tok = self.lm.tokenizer
+        params = [self.length_gen.choice(self.params) for _ in prompts]
         episodes = collect_episodes(
-            self.engine, self.sac.actor, prompts, ids, self.params, self.action_gen,
+            self.engine, self.sac.actor, prompts, ids, params, self.action_gen,
             lambda x: tok.decode(x, skip_special_tokens=True), guides,
         )  # fmt: skip
         t1 = time.monotonic()
@@ -242,6 +249,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "action_gen": self.action_gen.get_state(),
             "batch_gen": self.batch_gen.get_state(),
+            "length_gen": self.length_gen.getstate(),
             "iteration": self.iteration,
             "episodes": self.episodes_done,
             "elapsed": self.elapsed,
@@ -270,6 +278,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.action_gen.set_state(state["action_gen"])
         self.batch_gen.set_state(state["batch_gen"])
+        if "length_gen" in state:  # checkpoints before mixed episode lengths have none
+            self.length_gen.setstate(state["length_gen"])
         self.iteration, self.episodes_done = state["iteration"], state["episodes"]
         self.elapsed = state["elapsed"]
         if replay is not None:

@@ -63,6 +63,7 @@ def test_train_then_eval_from_the_command_line(tiny_model_dir, prompt_files, tmp
         "type": "refusal",
         "refuse": 1.0,
         "comply": -1.0,
+        "refuse_then_comply": -1.5,
         "answer": 1.0,
         "over_refuse": -2.0,
         "degenerate": -1.0,

@@ -87,12 +87,18 @@ def test_a_run_writes_agent_card_metrics_plot_and_checkpoint(
     assert agent.name == "tiny-safety" and agent.card.inner_dim == 64
 
 
-def test_resume_continues_exactly_where_the_run_stopped(tmp_path, make_tokenizer, make_prompt_text):
+@pytest.mark.parametrize("lengths", [None, (2, 6)])
+def test_resume_continues_exactly_where_the_run_stopped(
+    tmp_path, make_tokenizer, make_prompt_text, lengths
+):
     prompts = _prompt_files(tmp_path, make_prompt_text)
-    straight = _trainer(_config(tmp_path, prompts, out="a"), make_tokenizer)
+    straight = _trainer(_config(tmp_path, prompts, out="a", episode_lengths=lengths),
+                        make_tokenizer)  # fmt: skip
     straight.run()
-    _trainer(_config(tmp_path, prompts, out="b", episodes=16), make_tokenizer).run()
-    resumed = _trainer(_config(tmp_path, prompts, out="b", resume=True), make_tokenizer)
+    _trainer(_config(tmp_path, prompts, out="b", episodes=16, episode_lengths=lengths),
+             make_tokenizer).run()  # fmt: skip
+    resumed = _trainer(_config(tmp_path, prompts, out="b", resume=True, episode_lengths=lengths),
+                       make_tokenizer)  # fmt: skip
     assert resumed.episodes_done == 16 and len(resumed.replay) > 0
     resumed.run()
     for key, value in straight.sac.actor.state_dict().items():
@@ -100,6 +106,22 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, make_tokenizer
     assert resumed.sac.updates == straight.sac.updates
     rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["iteration"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_mixed_episode_lengths(tmp_path, make_tokenizer, make_prompt_text, monkeypatch):
+    from mara_serve.training import trainer as trainer_module
+
+    budgets = []
+    real = trainer_module.collect_episodes
+
+    def spy(engine, actor, prompts, ids, params, *rest):
+        budgets.extend(p.max_new_tokens for p in params)
+        return real(engine, actor, prompts, ids, params, *rest)
+
+    monkeypatch.setattr(trainer_module, "collect_episodes", spy)
+    cfg = _config(tmp_path, _prompt_files(tmp_path, make_prompt_text), episode_lengths=(2, 6))
+    _trainer(cfg, make_tokenizer).run()
+    assert len(budgets) == 32 and set(budgets) == {2, 6}
 
 
 def test_an_existing_run_needs_resume_and_resume_needs_a_checkpoint(
