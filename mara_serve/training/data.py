@@ -228,7 +228,7 @@ class PromptSampler:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded onto a GPU
         self.orders = {k: list(v) for k, v in state["orders"].items()}
         self.positions = dict(state["positions"])
         self.drawn = int(state["drawn"])

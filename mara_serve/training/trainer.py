@@ -276,8 +276,10 @@ class Trainer:
             )
         self.sac.load_state_dict(state["sac"])
         self.sampler.load_state_dict(state["sampler"])
-        self.action_gen.set_state(state["action_gen"])
-        self.batch_gen.set_state(state["batch_gen"])
+        # generator states are CPU byte tensors even for a CUDA generator; the checkpoint was
+        # loaded onto the run's device
+        self.action_gen.set_state(state["action_gen"].cpu())
+        self.batch_gen.set_state(state["batch_gen"].cpu())
         if "length_gen" in state:  # checkpoints before mixed episode lengths have none
             self.length_gen.setstate(state["length_gen"])
         self.iteration, self.episodes_done = state["iteration"], state["episodes"]

@@ -44,8 +44,8 @@ def _config(tmp_path, prompts, out="run", **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _trainer(cfg: TrainConfig, make_tokenizer) -> Trainer:
-    lm = tiny_llama()
+def _trainer(cfg: TrainConfig, make_tokenizer, device: str = "cpu") -> Trainer:
+    lm = tiny_llama(device=device)
     lm.tokenizer = make_tokenizer()
     torch.manual_seed(0)  # network initialisation
     return Trainer(cfg, lm=lm)
@@ -106,6 +106,19 @@ def test_resume_continues_exactly_where_the_run_stopped(
     assert resumed.sac.updates == straight.sac.updates
     rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["iteration"] for r in rows] == [1, 2, 3, 4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_a_gpu(tmp_path, make_tokenizer, make_prompt_text):
+    """The checkpoint is loaded onto the run's device; generator states must go back to the
+    CPU (found on an H200: `RNG state must be a torch.ByteTensor`)."""
+    prompts = _prompt_files(tmp_path, make_prompt_text)
+    _trainer(_config(tmp_path, prompts, episodes=16), make_tokenizer, "cuda").run()
+    resumed = _trainer(_config(tmp_path, prompts, resume=True), make_tokenizer, "cuda")
+    assert resumed.episodes_done == 16
+    resumed.run()
+    assert resumed.episodes_done == 32
 
 
 def test_mixed_episode_lengths(tmp_path, make_tokenizer, make_prompt_text, monkeypatch):
