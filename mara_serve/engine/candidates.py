@@ -32,18 +32,21 @@ def _order_ties_by_id(vals: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tens
     return vals, ids
 
 
-def _top_p_keep(vals: torch.Tensor, top_p: float) -> tuple[int, torch.Tensor]:
-    """vals: kept log-probs, descending. Returns (n kept, renormalised probs of all)."""
+def _top_p_keep(vals: torch.Tensor, top_p: float, min_p: float = 0.0) -> tuple[int, torch.Tensor]:
+    """vals: kept log-probs, descending. Returns (n kept, renormalised probs of all); with
+    `min_p` (vLLM's), also only candidates at least min_p x the most probable one."""
     probs = torch.softmax(vals, dim=-1)
     cum_ascending = probs.flip(0).cumsum(0)
     remove = cum_ascending <= 1.0 - top_p
     remove[-1] = False  # the most probable token always stays
     n = int((~remove).sum())
+    if min_p > 0.0:
+        n = min(n, int((probs >= min_p * probs[0]).sum()))
     return n, probs
 
 
 def select_candidates_batch(
-    logits: torch.Tensor, top_k: list[int], top_p: list[float]
+    logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float] | None = None
 ) -> list[Candidates]:
     """logits (B, V) → one ordered candidate list per row (CPU tensors).
 
@@ -69,11 +72,13 @@ def select_candidates_batch(
             row_vals, row_ids = logp[b, row_ids].cpu(), row_ids.cpu()
         else:
             row_vals, row_ids = _order_ties_by_id(vals[:k], ids[:k])
-        n, probs = _top_p_keep(row_vals, top_p[b])
+        n, probs = _top_p_keep(row_vals, top_p[b], min_p[b] if min_p else 0.0)
         out.append(Candidates(token_ids=row_ids[:n].clone(), probs=probs[:n].clone()))
     return out
 
 
-def select_candidates(logits: torch.Tensor, top_k: int = 40, top_p: float = 0.95) -> Candidates:
+def select_candidates(
+    logits: torch.Tensor, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.0
+) -> Candidates:
     """logits (V,) → the ordered candidate list of one row."""
-    return select_candidates_batch(logits[None], [top_k], [top_p])[0]
+    return select_candidates_batch(logits[None], [top_k], [top_p], [min_p])[0]

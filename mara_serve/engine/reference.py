@@ -59,7 +59,8 @@ def reference_generate(
             hidden = forward([token])
             trace = TokenTrace(token, 1, 0, None, False)
         else:
-            cands = select_candidates(logits, params.mara_top_k(), params.mara_top_p())
+            cands = select_candidates(logits, params.mara_top_k(), params.mara_top_p(),
+                                      params.min_p)  # fmt: skip
             ids = cands.token_ids.tolist()
             prefix_len = cache.get_seq_length()
             if len(ids) == 1:  # a single candidate is emitted without asking the agent

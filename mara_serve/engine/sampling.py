@@ -28,6 +28,9 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     temperature: float = 1.0
+    # vLLM's min_p: drop tokens less likely than min_p x the most likely one (plain rows: after
+    # temperature, top-k and top-p; MARA rows: from the candidate list). 0: off.
+    min_p: float = 0.0
     seed: int | None = None
     # Log-probabilities of each emitted token and of the `logprobs` most likely tokens at its
     # step (0: the emitted token's only); None: off. See `token_logprobs`.
@@ -57,6 +60,8 @@ class SamplingParams:
             raise InvalidRequestError("top_p must be in (0, 1]", "top_p")
         if self.temperature < 0.0:
             raise InvalidRequestError("temperature must be >= 0", "temperature")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError("min_p must be in [0, 1]", "min_p")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise InvalidRequestError(f"{name} must be in [-2, 2]", name)
@@ -115,6 +120,8 @@ def sample_token(
         remove[-1] = False
         scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
     probs = scores.softmax(-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

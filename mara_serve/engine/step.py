@@ -57,7 +57,7 @@ def _candidate_rows(seqs: list[Sequence]) -> list[_Row]:
     if mara:
         cands = select_candidates_batch(
             logits[mara], [seqs[i].params.mara_top_k() for i in mara],
-            [seqs[i].params.mara_top_p() for i in mara],
+            [seqs[i].params.mara_top_p() for i in mara], [seqs[i].params.min_p for i in mara],
         )  # fmt: skip
         for i, c in zip(mara, cands, strict=True):
             rows[i] = _Row(c.token_ids.tolist(), c.probs.tolist())

@@ -68,3 +68,33 @@ def test_invalid_controls_are_refused_with_the_field():
         with pytest.raises(InvalidRequestError) as e:
             SamplingParams(**bad)
         assert e.value.param == field
+
+
+def test_min_p_filters_sampling_and_candidates(agents):
+    import torch
+
+    from mara_serve.engine.candidates import select_candidates
+
+    lm = tiny_llama()
+    prompt = [0, 5, 6, 7]
+    # plain: min_p = 1 keeps only the most likely token, so sampling is greedy whatever the seed
+    engine = LLMEngine(lm, EngineConfig(max_running=4))
+    greedy = engine.generate(
+        [Request("g", prompt, SamplingParams(max_new_tokens=8, temperature=0.0))]
+    )["g"][0]
+    for seed in range(3):
+        sampled = engine.generate([Request("s", prompt, SamplingParams(
+            max_new_tokens=8, temperature=1.5, min_p=1.0, seed=seed))])["s"][0]  # fmt: skip
+        assert sampled == greedy
+    # MARA: the candidate list keeps only candidates >= min_p x the top one's probability
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([prompt])).logits[0, -1]
+    full = select_candidates(logits, 40, 1.0)
+    cut = select_candidates(logits, 40, 1.0, min_p=0.3)
+    assert 1 <= len(cut) < len(full)
+    assert torch.all(cut.probs >= 0.3 * cut.probs[0] - 1e-7)
+    assert cut.token_ids.tolist() == full.token_ids[: len(cut)].tolist()
+    # and the engine follows the reference with it
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, min_p=0.2)
+    got = engine.generate([Request("m", prompt, params, agents["half"])])["m"][0]
+    assert got == reference_generate(lm.model, prompt, agents["half"], params, (1,))[0]

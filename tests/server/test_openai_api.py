@@ -339,7 +339,6 @@ def test_user_and_openai_only_fields_are_accepted(client: openai.OpenAI) -> None
 
 # vLLM extension fields with a value that asks for behaviour this server does not implement
 VLLM_ASKS = {
-    "guided_grammar": "root ::= 'a'",
     "guided_decoding_backend": "xgrammar",
     "prompt_logprobs": 1,
     "skip_special_tokens": False,
@@ -477,11 +476,24 @@ def test_unknown_fields_are_a_400_naming_them(client: openai.OpenAI) -> None:
         assert e.value.body["param"] == "some_future_field", e.value.body
         assert e.value.body["code"] == "extra_forbidden"
     with pytest.raises(openai.BadRequestError) as e:  # completions: a vLLM field refused too
-        client.completions.create(model=BASE, prompt="Hi", extra_body={"min_p": 0.1})
-    assert e.value.body["param"] == "min_p"
+        client.completions.create(model=BASE, prompt="Hi", extra_body={"bad_words": ["x"]})
+    assert e.value.body["param"] == "bad_words"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
             model=BASE, messages=MESSAGES, stream=True,
             stream_options={"include_usage": True, "continuous_usage_stats": True},
         )  # fmt: skip
     assert e.value.body["param"] == "stream_options.continuous_usage_stats"
+
+
+def test_min_p_one_samples_like_greedy(client: openai.OpenAI) -> None:
+    greedy = client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=6,
+                                            temperature=0)  # fmt: skip
+    for seed in (1, 2):
+        r = client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=6,
+                                           temperature=1.3, seed=seed,
+                                           extra_body={"min_p": 1.0})  # fmt: skip
+        assert r.choices[0].message.content == greedy.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=BASE, prompt="Hi", extra_body={"min_p": 1.5})
+    assert e.value.body["param"] == "min_p"

@@ -17,7 +17,7 @@ IMPLEMENTED = {
     "tools", "tool_choice", "presence_penalty", "frequency_penalty", "logit_bias",
     "repetition_penalty", "min_tokens", "include_stop_str_in_output", "add_generation_prompt",
     "continue_final_message", "ignore_eos", "stop_token_ids", "mara_trace",
-    "truncate_prompt_tokens", "allowed_token_ids", "return_token_ids",
+    "truncate_prompt_tokens", "allowed_token_ids", "return_token_ids", "min_p", "guided_grammar",
 }  # fmt: skip
 COMPLETIONS_ONLY = {"prompt", "echo", "best_of", "suffix"}  # implemented (suffix/best_of ≠ n: 400)
 NO_EFFECT = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
@@ -26,8 +26,7 @@ REFUSED = {"/v1/chat/completions": set(VLLM_OFF_VALUES) | set(CHAT_OFF_VALUES),
            "/v1/completions": set(VLLM_OFF_VALUES)}  # fmt: skip
 # a value that asks for what the server does not do, per refused field
 ASK = {
-    "guided_grammar": "root ::= 'a'", "guided_decoding_backend": "xgrammar",
-    "guided_whitespace_pattern": " ", "min_p": 0.1,
+    "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ",
     "prompt_logprobs": 1,
     "bad_words": ["x"], "logits_processors": ["p"], "use_beam_search": True,
     "length_penalty": 2.0, "skip_special_tokens": False, "spaces_between_special_tokens": False,

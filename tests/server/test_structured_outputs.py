@@ -68,6 +68,24 @@ def test_regex_and_choice_hold_streamed_and_on_completions(client) -> None:
     assert {c.text for c in r.choices} <= {"A", "B"}
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"guided_grammar": 'start: greeting " " name\ngreeting: "hi" | "hello"\n'
+                           'name: "bob" | "alice"'},  # Lark
+        {"structured_outputs": {"grammar": 'root ::= greeting " " name\n'
+                                           'greeting ::= "hi" | "hello"\n'
+                                           'name ::= "bob" | "alice"'}},  # GBNF
+    ],
+)  # fmt: skip
+def test_a_context_free_grammar_holds_plain_and_mara(client, extra) -> None:
+    for model in (BASE, "half"):  # MARA: the agent judges only what the grammar allows
+        r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, n=2,
+                                           temperature=1.0, extra_body=extra)  # fmt: skip
+        for c in r.choices:
+            assert re.fullmatch("(hi|hello) (bob|alice)", c.message.content), c.message.content
+
+
 def test_json_object_mode_gives_an_object(client) -> None:
     r = client.chat.completions.create(
         model=BASE, messages=MESSAGES, max_tokens=200, temperature=0,
@@ -86,6 +104,9 @@ def test_json_object_mode_gives_an_object(client) -> None:
         ({"guided_json": "{not json"}, "guided_json"),
         ({"guided_choice": []}, "guided_choice"),
         ({"structured_outputs": {"yaml": "x"}}, "structured_outputs.yaml"),
+        ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
+        ({"structured_outputs": {"grammar": "root ::= ("}}, "structured_outputs.grammar"),
+        ({"guided_grammar": ""}, "guided_grammar"),
         ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),

@@ -44,8 +44,8 @@ def _unsupported(off: str) -> Any:
 
 # vLLM extension field → the values that mean "off" (accepted; anything else is refused).
 VLLM_OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "guided_grammar": (None,), "guided_decoding_backend": (None,),
-    "guided_whitespace_pattern": (None,), "min_p": (None, 0.0),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
     "prompt_logprobs": (None,), "bad_words": (None, []),
     "logits_processors": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
     "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
@@ -68,7 +68,9 @@ class VllmExtensions(RequestModel):
     guided_json: Any = Field(None, description="vLLM: a JSON schema the output follows")
     guided_regex: Any = Field(None, description="vLLM: a regex the output matches")
     guided_choice: Any = Field(None, description="vLLM: the output is one of these strings")
-    guided_grammar: Any = _unsupported("null")
+    guided_grammar: Any = Field(
+        None, description="vLLM: a grammar the output follows (Lark, or GBNF with ::= rules)"
+    )
     guided_decoding_backend: Any = _unsupported("null")
     guided_whitespace_pattern: Any = _unsupported("null")
     repetition_penalty: float | None = Field(
@@ -81,7 +83,11 @@ class VllmExtensions(RequestModel):
     min_tokens: int | None = Field(
         None, ge=0, description="vLLM: no end token before this many tokens"
     )
-    min_p: Any = _unsupported("0.0")
+    min_p: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="vLLM: drop tokens less likely than min_p x the most likely one (0 = off; "
+        "plain decoding: after temperature, top-k and top-p; MARA: from the candidate list)",
+    )  # fmt: skip
     include_stop_str_in_output: bool | None = Field(
         None, description="vLLM: end the text with the stop string that ended it"
     )
@@ -229,6 +235,7 @@ class SamplingRequest(MaraExtensions):
             top_k=self.top_k,
             top_p=self.top_p,
             temperature=1.0 if self.temperature is None else self.temperature,
+            min_p=self.min_p or 0.0,
             seed=seed,
             logprobs=self.logprobs_count(),
             presence_penalty=self.presence_penalty or 0.0,

@@ -9,8 +9,9 @@ OpenAI's and vLLM's spellings:
 
 - `response_format: {"type": "json_object"}` → any JSON object;
 - `response_format: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`;
-- vLLM: `guided_json` (a schema), `guided_regex`, `guided_choice` (a list of strings) and
-  `structured_outputs: {"json" | "regex" | "choice": ...}`.
+- vLLM: `guided_json` (a schema), `guided_regex`, `guided_choice` (a list of strings),
+  `guided_grammar` (Lark, or GBNF `root ::= ...` converted to Lark) and
+  `structured_outputs: {"json" | "regex" | "choice" | "grammar": ...}`.
 
 An invalid schema or regex is a 400 naming the field. In MARA mode the grammar filters the
 candidates before the agent judges them, so the agent aligns the content inside output that is
@@ -74,7 +75,8 @@ class StructuredOutputs:
         fmt = getattr(body, "response_format", None)
         return bool(fmt and fmt.get("type", "text") != "text") or any(
             getattr(body, f) is not None
-            for f in ("guided_json", "guided_regex", "guided_choice", "structured_outputs")
+            for f in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                      "structured_outputs")
         )
 
     def grammar(self, body: Any) -> str | None:
@@ -91,6 +93,8 @@ class StructuredOutputs:
             sources.append(("guided_regex", _regex_grammar(body.guided_regex, "guided_regex")))
         if body.guided_choice is not None:
             sources.append(("guided_choice", _choice_grammar(body.guided_choice, "guided_choice")))
+        if body.guided_grammar is not None:
+            sources.append(("guided_grammar", _lark_grammar(body.guided_grammar, "guided_grammar")))
         if body.structured_outputs is not None:
             sources.append(("structured_outputs", _structured_outputs(body.structured_outputs)))
         if not sources:
@@ -181,7 +185,7 @@ def _response_format_grammar(fmt: dict[str, Any]) -> str:
 def _structured_outputs(spec: Any) -> str:
     if not isinstance(spec, dict) or len(spec) != 1:
         raise APIError(
-            "structured_outputs takes exactly one of 'json', 'regex' or 'choice'",
+            "structured_outputs takes exactly one of 'json', 'regex', 'choice' or 'grammar'",
             param="structured_outputs",
         )
     ((kind, value),) = spec.items()
@@ -192,4 +196,24 @@ def _structured_outputs(spec: Any) -> str:
         return _regex_grammar(value, param)
     if kind == "choice":
         return _choice_grammar(value, param)
-    raise APIError(f"structured_outputs.{kind} is not supported (json, regex, choice)", param=param)
+    if kind == "grammar":
+        return _lark_grammar(value, param)
+    raise APIError(
+        f"structured_outputs.{kind} is not supported (json, regex, choice, grammar)", param=param
+    )
+
+
+def _lark_grammar(text: Any, param: str) -> str:
+    """A context-free grammar: Lark syntax (llguidance's dialect, `start:` the first rule), or
+    GBNF (llama.cpp's and xgrammar's EBNF, `root ::= ...`), converted to Lark."""
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    if not isinstance(text, str) or not text.strip():
+        raise APIError("the grammar must be a non-empty string", param=param)
+    if "::=" in text:
+        try:
+            text = gbnf_to_lark(text)
+        except Exception as e:  # the converter raises plain exceptions on bad GBNF
+            raise APIError(f"invalid GBNF grammar: {e}", param=param) from None
+    return LLMatcher.grammar_from_lark(text)
