@@ -92,3 +92,39 @@ def test_logprobs_requests_that_cannot_be_served_are_400(client) -> None:
         client.chat.completions.create(model=BASE, messages=MESSAGES, logprobs=True,
                                        top_logprobs=21)  # fmt: skip
     assert e.value.body["param"] == "top_logprobs"
+
+
+def test_prompt_logprobs_are_the_models_log_softmax(client, tiny_lm) -> None:
+    """vLLM's prompt_logprobs: per prompt position None first, then {token id: {logprob, rank,
+    decoded_token}} with the prompt's own token and the k most likely ones, checked against
+    the model's log-softmax; each completions prompt gets its own."""
+    prompts = [[0, 5, 9, 3, 7], [0, 11, 12]]
+    r = client.completions.create(model=BASE, prompt=prompts, max_tokens=2, temperature=0,
+                                  extra_body={"prompt_logprobs": 2})  # fmt: skip
+    assert len(r.choices) == 2
+    for prompt, choice in zip(prompts, r.choices, strict=True):
+        plp = choice.model_extra["prompt_logprobs"]
+        assert len(plp) == len(prompt) and plp[0] is None
+        want = model_logprobs(tiny_lm, prompt[:1], prompt[1:])
+        for t, (token, entries) in enumerate(zip(prompt[1:], plp[1:], strict=True)):
+            assert str(token) in entries and len(entries) in (2, 3)
+            mine = entries[str(token)]
+            assert mine["logprob"] == pytest.approx(float(want[t][token]), abs=1e-4)
+            assert mine["rank"] == int((want[t] > want[t][token]).sum()) + 1
+            assert mine["decoded_token"] == tiny_lm.tokenizer.decode([token])
+            best = max(entries.values(), key=lambda e: e["logprob"])
+            assert best["rank"] == 1
+            assert best["logprob"] == pytest.approx(float(want[t].max()), abs=1e-4)
+
+
+def test_chat_prompt_logprobs_cover_the_templated_prompt(client) -> None:
+    r = client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2,
+                                       extra_body={"prompt_logprobs": 0,
+                                                   "return_token_ids": True})  # fmt: skip
+    plp, ids = r.model_extra["prompt_logprobs"], r.model_extra["prompt_token_ids"]
+    assert len(plp) == len(ids) == r.usage.prompt_tokens and plp[0] is None
+    assert all(list(e) == [str(t)] for e, t in zip(plp[1:], ids[1:], strict=True))
+    with pytest.raises(openai.BadRequestError) as e:  # as vLLM: not with stream
+        client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2, stream=True,
+                                       extra_body={"prompt_logprobs": 1})  # fmt: skip
+    assert e.value.body["param"] == "prompt_logprobs"

@@ -340,7 +340,6 @@ def test_user_and_openai_only_fields_are_accepted(client: openai.OpenAI) -> None
 # vLLM extension fields with a value that asks for behaviour this server does not implement
 VLLM_ASKS = {
     "guided_decoding_backend": "xgrammar",
-    "prompt_logprobs": 1,
     "skip_special_tokens": False,
     "echo": True,
     "chat_template_kwargs": {"enable_thinking": True},

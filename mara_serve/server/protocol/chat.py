@@ -12,6 +12,7 @@ from mara_serve.server.errors import APIError
 from mara_serve.server.protocol.common import (
     ChatChoiceLogprobs,
     MaraTokenTrace,
+    PromptLogprobs,
     RequestModel,
     SamplingRequest,
     UsageInfo,
@@ -234,6 +235,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
     prompt_token_ids: list[int] | None = optional_field()
+    prompt_logprobs: PromptLogprobs | None = optional_field()
     system_fingerprint: str | None = None
 
 

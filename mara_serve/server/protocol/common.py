@@ -46,7 +46,7 @@ def _unsupported(off: str) -> Any:
 VLLM_OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "guided_decoding_backend": (None,),
     "guided_whitespace_pattern": (None,),
-    "prompt_logprobs": (None,), "bad_words": (None, []),
+    "bad_words": (None, []),
     "logits_processors": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
     "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
 }  # fmt: skip
@@ -97,7 +97,11 @@ class VllmExtensions(RequestModel):
     truncate_prompt_tokens: int | None = Field(
         None, ge=1, description="vLLM: keep only the prompt's last N tokens"
     )
-    prompt_logprobs: Any = _unsupported("null")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20,
+        description="vLLM: each prompt token's log-probability under the base model, its rank, "
+        "and this many most likely tokens at its position (not with stream)",
+    )  # fmt: skip
     allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, min_length=1, description="vLLM: only these token ids may be generated"
     )
@@ -203,6 +207,8 @@ class SamplingRequest(MaraExtensions):
                 code="unsupported_parameter",
             )
         self.logit_bias_items()  # 400 for a malformed key
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM
+            raise APIError("prompt_logprobs is not available with stream", param="prompt_logprobs")
 
     def truncated(self, prompt: list[int]) -> list[int]:
         """The prompt ids the engine gets (vLLM's truncate_prompt_tokens: the last N)."""
@@ -247,6 +253,18 @@ class SamplingRequest(MaraExtensions):
                 None if self.allowed_token_ids is None else tuple(self.allowed_token_ids)
             ),  # fmt: skip
         )
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's prompt-logprob entry (one per token id at a prompt position)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# vLLM's shape: per prompt position, None for the first, else {token id: entry}
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class TopLogprob(BaseModel):

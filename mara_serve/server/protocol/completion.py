@@ -10,6 +10,7 @@ from mara_serve.server.errors import APIError
 from mara_serve.server.protocol.common import (
     CompletionLogprobs,
     MaraTokenTrace,
+    PromptLogprobs,
     SamplingRequest,
     UsageInfo,
     optional_field,
@@ -100,6 +101,7 @@ class CompletionResponseChoice(BaseModel):
     finish_reason: FinishReason
     logprobs: CompletionLogprobs | None = None
     prompt_token_ids: list[int] | None = optional_field()
+    prompt_logprobs: PromptLogprobs | None = optional_field()
     token_ids: list[int] | None = optional_field()
     mara_trace: list[MaraTokenTrace] | None = trace_field()
 
@@ -120,6 +122,7 @@ class CompletionResponseStreamChoice(BaseModel):
     finish_reason: FinishReason | None = None
     logprobs: CompletionLogprobs | None = None
     prompt_token_ids: list[int] | None = optional_field()
+    prompt_logprobs: PromptLogprobs | None = optional_field()
     token_ids: list[int] | None = optional_field()
     mara_trace: list[MaraTokenTrace] | None = trace_field()
 

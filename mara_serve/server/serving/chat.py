@@ -26,7 +26,7 @@ from mara_serve.server.protocol.chat import (
     DeltaMessage,
     DeltaToolCall,
 )
-from mara_serve.server.protocol.common import UsageInfo
+from mara_serve.server.protocol.common import PromptLogprobs, UsageInfo
 from mara_serve.server.serving import tools
 from mara_serve.server.serving.endpoint import EndpointServing, Results
 from mara_serve.server.serving.generation import ChoiceDelta, ChoiceState, Generation
@@ -38,9 +38,10 @@ StreamChoice = ChatCompletionResponseStreamChoice
 class ChatServing(EndpointServing):
     async def create(self, body: ChatCompletionRequest, raw: Request) -> Response:
         gen = await self._start(body)
+        plp = await self.prompt_logprobs(gen, body)
         return await self.respond(
             raw, gen, body.stream,
-            lambda results, created: self._full(gen, body, results, created),
+            lambda results, created: self._full(gen, body, results, created, plp[0]),
             lambda created: self._stream(gen, body, created),
         )  # fmt: skip
 
@@ -87,7 +88,12 @@ class ChatServing(EndpointServing):
         return await self.admit(body, "chatcmpl", build)
 
     def _full(
-        self, gen: Generation, body: ChatCompletionRequest, results: Results, created: int
+        self,
+        gen: Generation,
+        body: ChatCompletionRequest,
+        results: Results,
+        created: int,
+        plp: PromptLogprobs | None = None,
     ) -> ChatCompletionResponse:
         choices = []
         for i, r in enumerate(results):
@@ -105,6 +111,7 @@ class ChatServing(EndpointServing):
         return ChatCompletionResponse(
             id=gen.request_id, created=created, model=body.model, choices=choices,
             usage=UsageInfo(**gen.usage()), prompt_token_ids=prompt_ids(gen, body),
+            prompt_logprobs=plp,
         )  # fmt: skip
 
     def _stream(

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from mara_serve.engine.registry import AgentEntry
 from mara_serve.server.errors import APIError
-from mara_serve.server.protocol.common import UsageInfo
+from mara_serve.server.protocol.common import PromptLogprobs, UsageInfo
 from mara_serve.server.protocol.completion import (
     CompletionRequest,
     CompletionResponse,
@@ -34,9 +34,10 @@ StreamChoice = CompletionResponseStreamChoice
 class CompletionServing(EndpointServing):
     async def create(self, body: CompletionRequest, raw: Request) -> Response:
         gen, echoes = await self._start(body)
+        plp = await self.prompt_logprobs(gen, body)
         return await self.respond(
             raw, gen, body.stream,
-            lambda results, created: self._full(gen, body, echoes, results, created),
+            lambda results, created: self._full(gen, body, echoes, results, created, plp),
             lambda created: self._stream(gen, body, echoes, created),
         )  # fmt: skip
 
@@ -84,6 +85,7 @@ class CompletionServing(EndpointServing):
         echoes: list[str],
         results: Results,
         created: int,
+        plp: list[PromptLogprobs | None] | None = None,
     ) -> CompletionResponse:
         want_logprobs = body.logprobs is not None
         ids = body.return_token_ids
@@ -94,6 +96,7 @@ class CompletionServing(EndpointServing):
                 logprobs=self.ctx.logprobs.completion(r.text_traces, 0) if want_logprobs else None,
                 prompt_token_ids=list(gen.choices[i].request.prompt_token_ids) if ids else None,
                 token_ids=[t.token_id for t in r.traces] if ids else None,
+                prompt_logprobs=plp[i] if plp else None,
             )
             for i, r in enumerate(results)
         ]  # fmt: skip

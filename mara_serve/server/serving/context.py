@@ -18,12 +18,13 @@ from starlette.concurrency import run_in_threadpool
 from mara_serve.engine.async_engine import AsyncEngine
 from mara_serve.engine.errors import ContextLengthExceededError, InvalidRequestError
 from mara_serve.engine.loading import render_chat
+from mara_serve.engine.prompt_logprobs import prompt_logprobs
 from mara_serve.engine.registry import AgentEntry
 from mara_serve.engine.request import Request
 from mara_serve.engine.sampling import SamplingParams
 from mara_serve.server.errors import APIError
 from mara_serve.server.metrics import RequestTracker, ServerMetrics
-from mara_serve.server.protocol.common import SamplingRequest
+from mara_serve.server.protocol.common import PromptLogprob, PromptLogprobs, SamplingRequest
 from mara_serve.server.serving.generation import ChoiceState
 from mara_serve.server.serving.inflight import InflightRequests
 from mara_serve.server.serving.logprobs import LogprobRenderer
@@ -48,6 +49,25 @@ class ServingContext:
     traces: TraceRenderer
     logprobs: LogprobRenderer
     structured: StructuredOutputs
+
+    async def prompt_logprobs(self, ids: list[int], k: int) -> PromptLogprobs:
+        """vLLM's prompt_logprobs of `ids` (one forward of the prompt on the engine thread,
+        between two steps: the process keeps one torch thread)."""
+        lm = self.engine.engine.lm
+        rows = await asyncio.to_thread(self.engine.run, lambda: prompt_logprobs(lm, ids, k))
+        out: PromptLogprobs = []
+        for row in rows:
+            if row is None:
+                out.append(None)
+                continue
+            entries = {str(i): PromptLogprob(logprob=lp, rank=rank + 1,
+                                             decoded_token=self.logprobs.text(i))
+                       for rank, (i, lp) in enumerate(row.top)}  # fmt: skip
+            entries.setdefault(str(row.token_id), PromptLogprob(
+                logprob=row.logprob, rank=row.rank, decoded_token=self.logprobs.text(row.token_id),
+            ))  # fmt: skip
+            out.append(entries)
+        return out
 
     async def output_grammar(self, body: SamplingRequest) -> str | None:
         """The request's output grammar (structured.py), built off the event loop (the first

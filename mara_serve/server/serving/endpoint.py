@@ -62,6 +62,23 @@ class EndpointServing:
             tracker.finish("rejected")
             raise
 
+    async def prompt_logprobs(self, gen: Generation, body: SamplingRequest) -> list[Any]:
+        """vLLM's prompt_logprobs of each choice's prompt (computed once per distinct prompt),
+        or Nones when not asked. A failure aborts the admitted generation before any
+        response."""
+        if body.prompt_logprobs is None:
+            return [None] * len(gen.choices)
+        done: dict[tuple[int, ...], Any] = {}
+        try:
+            for c in gen.choices:
+                ids = tuple(c.request.prompt_token_ids)
+                if ids not in done:
+                    done[ids] = await self.ctx.prompt_logprobs(list(ids), body.prompt_logprobs)
+        except BaseException:
+            await gen.aclose()
+            raise
+        return [done[tuple(c.request.prompt_token_ids)] for c in gen.choices]
+
     def render_traces(self, body: SamplingRequest, traces: list[TokenTrace]) -> Any:
         return self.ctx.traces.render(traces) if body.mara_trace else None
 

@@ -75,8 +75,13 @@ class StructuredOutputs:
         fmt = getattr(body, "response_format", None)
         return bool(fmt and fmt.get("type", "text") != "text") or any(
             getattr(body, f) is not None
-            for f in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                      "structured_outputs")
+            for f in (
+                "guided_json",
+                "guided_regex",
+                "guided_choice",
+                "guided_grammar",
+                "structured_outputs",
+            )
         )
 
     def grammar(self, body: Any) -> str | None:
