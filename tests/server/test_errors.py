@@ -163,13 +163,6 @@ CASES = [
     ("completion-too-many-prompts", completion(prompt=["a"] * 65), 400, "prompt", None),
     ("completion-suffix", completion(suffix="x"), 400, "suffix", "unsupported_parameter"),
     ("completion-logprobs-too-many", completion(logprobs=6), 400, "logprobs", None),
-    (
-        "completion-logprobs-with-echo",
-        completion(logprobs=2, echo=True),
-        400,
-        "echo",
-        "unsupported_parameter",
-    ),
     ("unknown-field", chat(some_future_field=1), 400, "some_future_field", "extra_forbidden"),
     ("completion-best-of", completion(best_of=3), 400, "best_of", "unsupported_parameter"),
     ("completion-echo-a-string", completion(echo="yes"), 400, "echo", None),

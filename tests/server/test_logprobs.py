@@ -86,9 +86,6 @@ def test_logprobs_requests_that_cannot_be_served_are_400(client) -> None:
         client.chat.completions.create(model=BASE, messages=MESSAGES, top_logprobs=2)
     assert e.value.body["param"] == "top_logprobs"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=BASE, prompt="Hi", logprobs=1, echo=True)
-    assert e.value.body["param"] == "echo"
-    with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=BASE, messages=MESSAGES, logprobs=True,
                                        top_logprobs=21)  # fmt: skip
     assert e.value.body["param"] == "top_logprobs"
@@ -128,3 +125,30 @@ def test_chat_prompt_logprobs_cover_the_templated_prompt(client) -> None:
         client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2, stream=True,
                                        extra_body={"prompt_logprobs": 1})  # fmt: skip
     assert e.value.body["param"] == "prompt_logprobs"
+
+
+def test_completions_echo_with_logprobs_covers_the_prompt(client, tiny_lm) -> None:
+    """OpenAI's legacy echo + logprobs: the prompt's tokens first (the first with null), then
+    the generated ones, offsets into the echoed text; streamed: the prompt's in the first
+    chunk."""
+    text = "The cat sat on the mat"
+    kwargs = dict(model=BASE, prompt=text, max_tokens=3, temperature=0, logprobs=2, echo=True,
+                  extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+    r = client.completions.create(**kwargs)
+    choice, lp = r.choices[0], r.choices[0].logprobs
+    prompt = choice.model_extra["prompt_token_ids"]
+    P = len(prompt)
+    assert len(lp.tokens) == P + 3 and choice.text.startswith(text)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = model_logprobs(tiny_lm, prompt[:1], prompt[1:])
+    for t, token in enumerate(prompt[1:]):
+        assert lp.token_logprobs[1 + t] == pytest.approx(float(want[t][token]), abs=1e-4)
+        assert len(lp.top_logprobs[1 + t]) == 2
+    assert lp.text_offset[0] == 0 and lp.text_offset[P] == len(text)
+    assert "".join(lp.tokens[P:]) == choice.text[len(text) :]
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    first = chunks[0].choices[0]
+    assert first.text == text and first.logprobs.tokens == lp.tokens[:P]
+    streamed = [x for c in chunks for ch in c.choices if ch.logprobs
+                for x in ch.logprobs.token_logprobs]  # fmt: skip
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)

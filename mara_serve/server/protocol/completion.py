@@ -74,13 +74,6 @@ class CompletionRequest(SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs is not None and self.echo:
-            raise APIError(
-                "logprobs with echo (the prompt's log-probabilities) is not supported by this "
-                "server",
-                param="echo",
-                code="unsupported_parameter",
-            )
         if self.suffix:
             raise APIError(
                 "suffix is not supported by this server",

@@ -38,10 +38,13 @@ StreamChoice = ChatCompletionResponseStreamChoice
 class ChatServing(EndpointServing):
     async def create(self, body: ChatCompletionRequest, raw: Request) -> Response:
         gen = await self._start(body)
-        plp = await self.prompt_logprobs(gen, body)
+        plp = None
+        if body.prompt_logprobs is not None:  # every choice shares the prompt
+            rows = (await self.prompt_rows(gen, body.prompt_logprobs))[0]
+            plp = self.ctx.vllm_prompt_logprobs(rows, body.prompt_logprobs)
         return await self.respond(
             raw, gen, body.stream,
-            lambda results, created: self._full(gen, body, results, created, plp[0]),
+            lambda results, created: self._full(gen, body, results, created, plp),
             lambda created: self._stream(gen, body, created),
         )  # fmt: skip
 

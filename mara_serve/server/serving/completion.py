@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from mara_serve.engine.registry import AgentEntry
 from mara_serve.server.errors import APIError
-from mara_serve.server.protocol.common import PromptLogprobs, UsageInfo
+from mara_serve.server.protocol.common import CompletionLogprobs, PromptLogprobs, UsageInfo
 from mara_serve.server.protocol.completion import (
     CompletionRequest,
     CompletionResponse,
@@ -34,11 +34,22 @@ StreamChoice = CompletionResponseStreamChoice
 class CompletionServing(EndpointServing):
     async def create(self, body: CompletionRequest, raw: Request) -> Response:
         gen, echoes = await self._start(body)
-        plp = await self.prompt_logprobs(gen, body)
+        # the prompt's own logprobs: vLLM's prompt_logprobs, and OpenAI's echo with logprobs
+        echo_k = body.logprobs if body.echo else None
+        asked = [k for k in (body.prompt_logprobs, echo_k) if k is not None]
+        rows = await self.prompt_rows(gen, max(asked) if asked else None)
+        k_vllm = body.prompt_logprobs
+        plp = [None if r is None or k_vllm is None
+               else self.ctx.vllm_prompt_logprobs(r, k_vllm) for r in rows]  # fmt: skip
+        echo_lp = [None if r is None or echo_k is None
+                   else self.ctx.logprobs.prompt_completion(
+                       list(c.request.prompt_token_ids), r, echo_k)
+                   for r, c in zip(rows, gen.choices, strict=True)]  # fmt: skip
         return await self.respond(
             raw, gen, body.stream,
-            lambda results, created: self._full(gen, body, echoes, results, created, plp),
-            lambda created: self._stream(gen, body, echoes, created),
+            lambda results, created: self._full(gen, body, echoes, results, created, plp,
+                                                echo_lp),
+            lambda created: self._stream(gen, body, echoes, created, echo_lp),
         )  # fmt: skip
 
     async def _start(self, body: CompletionRequest) -> tuple[Generation, list[str]]:
@@ -86,6 +97,7 @@ class CompletionServing(EndpointServing):
         results: Results,
         created: int,
         plp: list[PromptLogprobs | None] | None = None,
+        echo_lp: list[CompletionLogprobs | None] | None = None,
     ) -> CompletionResponse:
         want_logprobs = body.logprobs is not None
         ids = body.return_token_ids
@@ -93,7 +105,10 @@ class CompletionServing(EndpointServing):
             CompletionResponseChoice(
                 index=i, text=echoes[i] + r.text, finish_reason=r.finish_reason,
                 mara_trace=self.render_traces(body, r.traces),
-                logprobs=self.ctx.logprobs.completion(r.text_traces, 0) if want_logprobs else None,
+                logprobs=join_logprobs(
+                    echo_lp[i] if echo_lp else None,
+                    self.ctx.logprobs.completion(r.text_traces, len(echoes[i])),
+                ) if want_logprobs else None,
                 prompt_token_ids=list(gen.choices[i].request.prompt_token_ids) if ids else None,
                 token_ids=[t.token_id for t in r.traces] if ids else None,
                 prompt_logprobs=plp[i] if plp else None,
@@ -106,7 +121,12 @@ class CompletionServing(EndpointServing):
         )  # fmt: skip
 
     def _stream(
-        self, gen: Generation, body: CompletionRequest, echoes: list[str], created: int
+        self,
+        gen: Generation,
+        body: CompletionRequest,
+        echoes: list[str],
+        created: int,
+        echo_lp: list[CompletionLogprobs | None],
     ) -> AsyncIterator[bytes]:
         def chunk(choices: list[StreamChoice], usage: UsageInfo | None) -> bytes:
             return sse_event(CompletionStreamResponse(
@@ -114,7 +134,7 @@ class CompletionServing(EndpointServing):
                 usage=usage,
             ).model_dump_json())  # fmt: skip
 
-        offsets = [0] * len(gen.choices)  # text_offset of each choice's next token
+        offsets = [len(e) for e in echoes]  # text_offset of each choice's next token
         sent_prompt: set[int] = set()  # choices whose prompt_token_ids went out
 
         def delta_choices(d: ChoiceDelta, traces: object) -> list[StreamChoice]:
@@ -138,5 +158,18 @@ class CompletionServing(EndpointServing):
                 out.append(StreamChoice(index=d.index, text="", finish_reason=d.finish_reason))
             return out
 
-        opening = [StreamChoice(index=i, text=echo) for i, echo in enumerate(echoes) if echo]
+        opening = [StreamChoice(index=i, text=echo, logprobs=echo_lp[i])
+                   for i, echo in enumerate(echoes) if echo]  # fmt: skip
         return self.stream_events(gen, body, chunk, opening, delta_choices)
+
+
+def join_logprobs(head: CompletionLogprobs | None, tail: CompletionLogprobs) -> CompletionLogprobs:
+    """The echoed prompt's entries, then the generated ones (offsets already absolute)."""
+    if head is None:
+        return tail
+    return CompletionLogprobs(
+        tokens=head.tokens + tail.tokens,
+        token_logprobs=head.token_logprobs + tail.token_logprobs,
+        top_logprobs=head.top_logprobs + tail.top_logprobs,
+        text_offset=head.text_offset + tail.text_offset,
+    )

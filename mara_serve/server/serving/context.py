@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from mara_serve.engine.async_engine import AsyncEngine
 from mara_serve.engine.errors import ContextLengthExceededError, InvalidRequestError
 from mara_serve.engine.loading import render_chat
-from mara_serve.engine.prompt_logprobs import prompt_logprobs
+from mara_serve.engine.prompt_logprobs import PromptTokenLogprob, prompt_logprobs
 from mara_serve.engine.registry import AgentEntry
 from mara_serve.engine.request import Request
 from mara_serve.engine.sampling import SamplingParams
@@ -50,11 +50,15 @@ class ServingContext:
     logprobs: LogprobRenderer
     structured: StructuredOutputs
 
-    async def prompt_logprobs(self, ids: list[int], k: int) -> PromptLogprobs:
-        """vLLM's prompt_logprobs of `ids` (one forward of the prompt on the engine thread,
-        between two steps: the process keeps one torch thread)."""
+    async def prompt_logprob_rows(self, ids: list[int], k: int) -> list[PromptTokenLogprob | None]:
+        """The prompt's own logprobs with `k` alternatives (engine/prompt_logprobs.py): one
+        forward of the prompt on the engine thread, between two steps (the process keeps one
+        torch thread)."""
         lm = self.engine.engine.lm
-        rows = await asyncio.to_thread(self.engine.run, lambda: prompt_logprobs(lm, ids, k))
+        return await asyncio.to_thread(self.engine.run, lambda: prompt_logprobs(lm, ids, k))
+
+    def vllm_prompt_logprobs(self, rows: list[PromptTokenLogprob | None], k: int) -> PromptLogprobs:
+        """vLLM's prompt_logprobs shape of `rows`, with `k` alternatives per position."""
         out: PromptLogprobs = []
         for row in rows:
             if row is None:
@@ -62,7 +66,7 @@ class ServingContext:
                 continue
             entries = {str(i): PromptLogprob(logprob=lp, rank=rank + 1,
                                              decoded_token=self.logprobs.text(i))
-                       for rank, (i, lp) in enumerate(row.top)}  # fmt: skip
+                       for rank, (i, lp) in enumerate(row.top[:k])}  # fmt: skip
             entries.setdefault(str(row.token_id), PromptLogprob(
                 logprob=row.logprob, rank=row.rank, decoded_token=self.logprobs.text(row.token_id),
             ))  # fmt: skip

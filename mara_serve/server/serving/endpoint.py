@@ -62,18 +62,18 @@ class EndpointServing:
             tracker.finish("rejected")
             raise
 
-    async def prompt_logprobs(self, gen: Generation, body: SamplingRequest) -> list[Any]:
-        """vLLM's prompt_logprobs of each choice's prompt (computed once per distinct prompt),
-        or Nones when not asked. A failure aborts the admitted generation before any
-        response."""
-        if body.prompt_logprobs is None:
+    async def prompt_rows(self, gen: Generation, k: int | None) -> list[Any]:
+        """Each choice's prompt logprobs with `k` alternatives (ServingContext.
+        prompt_logprob_rows; once per distinct prompt), or Nones when `k` is None. A failure
+        aborts the admitted generation before any response."""
+        if k is None:
             return [None] * len(gen.choices)
         done: dict[tuple[int, ...], Any] = {}
         try:
             for c in gen.choices:
                 ids = tuple(c.request.prompt_token_ids)
                 if ids not in done:
-                    done[ids] = await self.ctx.prompt_logprobs(list(ids), body.prompt_logprobs)
+                    done[ids] = await self.ctx.prompt_logprob_rows(list(ids), k)
         except BaseException:
             await gen.aclose()
             raise

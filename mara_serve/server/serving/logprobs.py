@@ -65,16 +65,35 @@ class LogprobRenderer:
             for t in traces
         ])  # fmt: skip
 
+    def prompt_completion(self, ids: list[int], rows: list[Any], k: int) -> CompletionLogprobs:
+        """OpenAI's echo with logprobs: the prompt's entries (`rows` from
+        engine/prompt_logprobs.py; the first token has no context: null), offsets from 0 in
+        the echoed text."""
+        tokens = [self.text(i) for i in ids]
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[None if r is None else r.logprob for r in rows],
+            top_logprobs=[
+                None if r is None else {self.text(i): lp for i, lp in r.top[:k]} for r in rows
+            ],  # fmt: skip
+            text_offset=_offsets(tokens, 0),
+        )
+
     def completion(self, traces: list[TokenTrace], offset: int) -> CompletionLogprobs:
         """Entries for `traces`, whose text starts at `offset` in the choice's text."""
         tokens = [self.text(t.token_id) for t in traces]
-        offsets = []
-        for tok in tokens:
-            offsets.append(offset)
-            offset += len(tok)
         return CompletionLogprobs(
             tokens=tokens,
             token_logprobs=[t.logprob or 0.0 for t in traces],
             top_logprobs=[{self.text(i): lp for i, lp in t.top_logprobs} for t in traces],
-            text_offset=offsets,
+            text_offset=_offsets(tokens, offset),
         )
+
+
+def _offsets(tokens: list[str], start: int) -> list[int]:
+    """Each token's character offset, the first at `start`."""
+    out = []
+    for tok in tokens:
+        out.append(start)
+        start += len(tok)
+    return out
