@@ -341,7 +341,6 @@ def test_user_and_openai_only_fields_are_accepted(client: openai.OpenAI) -> None
 VLLM_ASKS = {
     "guided_decoding_backend": "xgrammar",
     "skip_special_tokens": False,
-    "echo": True,
     "chat_template_kwargs": {"enable_thinking": True},
 }
 
@@ -496,3 +495,27 @@ def test_min_p_one_samples_like_greedy(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=BASE, prompt="Hi", extra_body={"min_p": 1.5})
     assert e.value.body["param"] == "min_p"
+
+
+def test_chat_echo_prepends_the_continued_assistant_message(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Describe the sky."},
+                {"role": "assistant", "content": "The sky is"}]  # fmt: skip
+    extra = {"continue_final_message": True, "add_generation_prompt": False}
+    plain = client.chat.completions.create(model=BASE, messages=messages, max_tokens=4,
+                                           temperature=0, extra_body=extra)  # fmt: skip
+    echo = {**extra, "echo": True}
+    echoed = client.chat.completions.create(model=BASE, messages=messages, max_tokens=4,
+                                            temperature=0, extra_body=echo)  # fmt: skip
+    assert echoed.choices[0].message.content == "The sky is" + plain.choices[0].message.content
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model=BASE, messages=messages, max_tokens=4,
+                                                temperature=0, stream=True,
+                                                extra_body={**extra, "echo": True})
+        if c.choices
+    )  # fmt: skip
+    assert streamed == echoed.choices[0].message.content
+    # the last message is the user's: nothing to echo
+    r = client.chat.completions.create(model=BASE, messages=messages[:1], max_tokens=4,
+                                       temperature=0, extra_body={"echo": True})  # fmt: skip
+    assert not r.choices[0].message.content.startswith("Describe")

@@ -112,7 +112,7 @@ class NamedToolChoice(RequestModel):
 
 
 CHAT_OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "echo": (None, False), "chat_template": (None,),
+    "chat_template": (None,),
     "chat_template_kwargs": (None, {}), "documents": (None,),
 }  # fmt: skip
 
@@ -148,7 +148,16 @@ class ChatCompletionRequest(SamplingRequest):
     )
     modalities: list[str] | None = Field(None, description="only ['text']")
     # vLLM's chat extensions (refused unless off; see protocol/common.py)
-    echo: Any = Field(None, description="vLLM extension, not supported: only false is accepted")
+    echo: bool | None = Field(
+        None, description="vLLM: the reply starts with the last message's content when that "
+        "message is the assistant's (e.g. with continue_final_message)",
+    )  # fmt: skip
+
+    def echo_prefix(self) -> str:
+        """The text vLLM's `echo` puts before the reply ("" when off or not applicable)."""
+        last = self.messages[-1]
+        return last.text() if self.echo and last.role == "assistant" else ""
+
     add_generation_prompt: bool | None = Field(
         None, description="vLLM: end the prompt with the assistant's turn opening (default true)"
     )

@@ -102,7 +102,7 @@ class ChatServing(EndpointServing):
         for i, r in enumerate(results):
             calls = tools.parse_calls(r.text, body.tool_specs) if tools.tools_active(body) else None
             message = (ChatMessage(content=None, tool_calls=calls) if calls
-                       else ChatMessage(content=r.text))  # fmt: skip
+                       else ChatMessage(content=body.echo_prefix() + r.text))  # fmt: skip
             choices.append(ChatCompletionResponseChoice(
                 index=i, message=message, finish_reason="tool_calls" if calls else r.finish_reason,
                 mara_trace=self.render_traces(body, r.traces),
@@ -156,9 +156,10 @@ class ChatServing(EndpointServing):
             return out
 
         opening = [
-            StreamChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))
+            StreamChoice(index=c.index,
+                         delta=DeltaMessage(role="assistant", content=body.echo_prefix()))
             for c in gen.choices
-        ]
+        ]  # fmt: skip
         return self.stream_events(gen, body, chunk, opening, delta_choices)
 
 
