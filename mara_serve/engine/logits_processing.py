@@ -9,7 +9,9 @@ Order, each on the float32 logits of one row:
    (count > 0) × presence, counting the generated tokens only;
 4. `min_tokens` (vLLM): the end tokens (EOS, stop_token_ids) are -inf until that many tokens
    were generated;
-5. `allowed_token_ids` (vLLM): every other token is -inf (the end tokens too, unless listed).
+5. `allowed_token_ids` (vLLM): every other token is -inf (the end tokens too, unless listed);
+6. `bad_words` (vLLM, as token sequences): the last token of a sequence is -inf whenever the
+   generated tokens end with the rest of it.
 The output constraint (constraints.py) is applied after these. State is the row's own tokens,
 read from its `Sequence` each step: nothing is shared between requests. The reported logprobs
 stay the model's own (sampling.token_logprobs), before any of this.
@@ -72,4 +74,8 @@ def apply_logit_controls(
         keep = torch.zeros(V, dtype=torch.bool, device=out.device)
         keep[torch.tensor(params.allowed_token_ids, device=out.device)] = True
         out = out.masked_fill(~keep, float("-inf"))
+    banned = [seq[-1] for seq in params.bad_words_ids
+              if len(seq) == 1 or tuple(output_ids[-(len(seq) - 1):]) == seq[:-1]]  # fmt: skip
+    if banned:
+        out[torch.tensor(banned, device=out.device)] = float("-inf")
     return out

@@ -44,12 +44,16 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
     allowed_token_ids: tuple[int, ...] | None = None  # only these may be generated
+    # vLLM's bad_words as token sequences: a sequence's last token is banned whenever the
+    # output ends with the rest of it (a one-token sequence: always)
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
 
     @property
     def controls_logits(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
                     or self.min_tokens or self.repetition_penalty != 1.0
-                    or self.allowed_token_ids is not None)  # fmt: skip
+                    or self.allowed_token_ids is not None
+                    or bool(self.bad_words_ids))  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

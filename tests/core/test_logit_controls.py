@@ -98,3 +98,23 @@ def test_min_p_filters_sampling_and_candidates(agents):
     params = SamplingParams(max_new_tokens=10, temperature=0.0, min_p=0.2)
     got = engine.generate([Request("m", prompt, params, agents["half"])])["m"][0]
     assert got == reference_generate(lm.model, prompt, agents["half"], params, (1,))[0]
+
+
+def test_bad_words_ban_a_sequences_last_token_after_the_rest(agents):
+    lm = tiny_llama()
+    prompt = [0, 5, 6, 7]
+    engine = LLMEngine(lm, EngineConfig(max_running=2))
+
+    def run(bad, agent=None):
+        params = SamplingParams(max_new_tokens=8, temperature=0.0, bad_words_ids=bad)
+        got = engine.generate([Request("b", prompt, params, agent)])["b"][0]
+        assert got == reference_generate(lm.model, prompt, agent, params, (1,))[0]
+        return got
+
+    greedy = run(())
+    one = run(((greedy[0],),))  # a one-token word is never generated
+    assert greedy[0] not in one
+    two = run(((greedy[0], greedy[1]),))  # the first token stays; after it, not the second
+    assert two[0] == greedy[0] and two[1] != greedy[1]
+    mara = run(((greedy[0],),), agents["half"])  # MARA: never a candidate either
+    assert greedy[0] not in mara

@@ -474,8 +474,8 @@ def test_unknown_fields_are_a_400_naming_them(client: openai.OpenAI) -> None:
         assert e.value.body["param"] == "some_future_field", e.value.body
         assert e.value.body["code"] == "extra_forbidden"
     with pytest.raises(openai.BadRequestError) as e:  # completions: a vLLM field refused too
-        client.completions.create(model=BASE, prompt="Hi", extra_body={"bad_words": ["x"]})
-    assert e.value.body["param"] == "bad_words"
+        client.completions.create(model=BASE, prompt="Hi", extra_body={"use_beam_search": True})
+    assert e.value.body["param"] == "use_beam_search"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
             model=BASE, messages=MESSAGES, stream=True,
@@ -519,3 +519,19 @@ def test_chat_echo_prepends_the_continued_assistant_message(client: openai.OpenA
     r = client.chat.completions.create(model=BASE, messages=messages[:1], max_tokens=4,
                                        temperature=0, extra_body={"echo": True})  # fmt: skip
     assert not r.choices[0].message.content.startswith("Describe")
+
+
+def test_bad_words_are_never_generated(client: openai.OpenAI) -> None:
+    kwargs = dict(model=BASE, prompt="The cat", max_tokens=6, temperature=0, logprobs=0)
+    plain = client.completions.create(**kwargs, extra_body={"return_token_ids": True}).choices[0]
+    # a generated token that is a plain word (the tiny model also emits partial characters)
+    j, word = next((j, t.strip()) for j, t in enumerate(plain.logprobs.tokens)
+                   if t.strip().isascii() and t.strip().isalpha())  # fmt: skip
+    banned = client.completions.create(**kwargs, extra_body={"bad_words": [word],
+                                                             "return_token_ids": True})  # fmt: skip
+    ids = banned.choices[0].model_extra["token_ids"]
+    assert plain.model_extra["token_ids"][j] not in ids
+    assert word not in [t.strip() for t in banned.choices[0].logprobs.tokens]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**kwargs, extra_body={"bad_words": [""]})
+    assert e.value.body["param"].startswith("bad_words")

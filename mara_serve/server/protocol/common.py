@@ -46,7 +46,7 @@ def _unsupported(off: str) -> Any:
 VLLM_OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "guided_decoding_backend": (None,),
     "guided_whitespace_pattern": (None,),
-    "bad_words": (None, []),
+
     "logits_processors": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
     "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
 }  # fmt: skip
@@ -105,7 +105,11 @@ class VllmExtensions(RequestModel):
     allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, min_length=1, description="vLLM: only these token ids may be generated"
     )
-    bad_words: Any = _unsupported("[]")
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, max_length=256,
+        description="vLLM: words never generated (each word's last token is banned where the "
+        "output ends with the rest of it; the word is matched with and without a leading space)",
+    )  # fmt: skip
     logits_processors: Any = _unsupported("null")
     use_beam_search: Any = _unsupported("false")
     length_penalty: Any = _unsupported("1.0")
@@ -231,7 +235,10 @@ class SamplingRequest(MaraExtensions):
             raise APIError(f"at most {MAX_LOGIT_BIAS} logit_bias entries", param="logit_bias")
         return tuple(items)
 
-    def to_sampling_params(self, max_new_tokens: int, choice: int = 0) -> SamplingParams:
+    def to_sampling_params(
+        self, max_new_tokens: int, choice: int = 0,
+        bad_words_ids: tuple[tuple[int, ...], ...] = (),
+    ) -> SamplingParams:  # fmt: skip
         """Engine parameters of choice `choice` (seeded choices get distinct seeds)."""
         seed = None if self.seed is None else (self.seed + choice) % _SEED_SPAN
         return SamplingParams(
@@ -249,6 +256,7 @@ class SamplingRequest(MaraExtensions):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=self.logit_bias_items(),
             min_tokens=self.min_tokens or 0,
+            bad_words_ids=bad_words_ids,
             allowed_token_ids=(
                 None if self.allowed_token_ids is None else tuple(self.allowed_token_ids)
             ),  # fmt: skip

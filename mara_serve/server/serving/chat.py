@@ -82,8 +82,9 @@ class ChatServing(EndpointServing):
                 len(prompt), body.requested_max_tokens(), param, "messages",
                 default_cap=ctx.settings.max_tokens_default,
             )  # fmt: skip
+            bad = ctx.bad_words_ids(body.bad_words)
             return [
-                ctx.choice(i, request_id, prompt, body.to_sampling_params(max_new, i), agent,
+                ctx.choice(i, request_id, prompt, body.to_sampling_params(max_new, i, bad), agent,
                            body.stop_strings(), grammar, bool(body.include_stop_str_in_output))
                 for i in range(body.n)
             ]  # fmt: skip

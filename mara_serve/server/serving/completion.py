@@ -80,7 +80,9 @@ class CompletionServing(EndpointServing):
                 )  # fmt: skip
                 for j in range(body.n):
                     index = p_i * body.n + j
-                    params = body.to_sampling_params(max_new, index)
+                    params = body.to_sampling_params(
+                        max_new, index, ctx.bad_words_ids(body.bad_words)
+                    )
                     choices.append(ctx.choice(index, request_id, ids, params, agent,
                                               body.stop_strings(), grammar,
                                               bool(body.include_stop_str_in_output)))  # fmt: skip

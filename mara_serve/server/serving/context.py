@@ -102,6 +102,17 @@ class ServingContext:
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})", param)
 
+    def bad_words_ids(self, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
+        """vLLM's bad_words as token sequences: each word as written and after a space (its
+        form inside a sentence), without special tokens; duplicates once."""
+        out: dict[tuple[int, ...], None] = {}
+        for word in words or ():
+            for text in (word, " " + word.lstrip()):
+                ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                if ids:
+                    out[ids] = None
+        return tuple(out)
+
     def choice(
         self,
         index: int,
