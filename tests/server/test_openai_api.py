@@ -340,7 +340,6 @@ def test_user_and_openai_only_fields_are_accepted(client: openai.OpenAI) -> None
 # vLLM extension fields with a value that asks for behaviour this server does not implement
 VLLM_ASKS = {
     "guided_decoding_backend": "xgrammar",
-    "skip_special_tokens": False,
     "chat_template_kwargs": {"enable_thinking": True},
 }
 
@@ -535,3 +534,14 @@ def test_bad_words_are_never_generated(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**kwargs, extra_body={"bad_words": [""]})
     assert e.value.body["param"].startswith("bad_words")
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(client: openai.OpenAI, tiny_lm) -> None:
+    tok = tiny_lm.tokenizer
+    special = next(i for i in tok.all_special_ids if i not in tiny_lm.eos_token_ids)
+    kwargs = dict(model=BASE, prompt="The cat", max_tokens=3, temperature=0,
+                  logit_bias={str(special): 100})  # fmt: skip
+    hidden = client.completions.create(**kwargs).choices[0].text
+    shown = client.completions.create(**kwargs, extra_body={"skip_special_tokens": False})
+    assert hidden == ""
+    assert shown.choices[0].text == tok.decode([special] * 3, skip_special_tokens=False)

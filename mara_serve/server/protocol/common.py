@@ -48,7 +48,7 @@ VLLM_OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "guided_whitespace_pattern": (None,),
 
     "logits_processors": (None,), "use_beam_search": (None, False), "length_penalty": (None, 1.0),
-    "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
 }  # fmt: skip
 
 
@@ -113,7 +113,10 @@ class VllmExtensions(RequestModel):
     logits_processors: Any = _unsupported("null")
     use_beam_search: Any = _unsupported("false")
     length_penalty: Any = _unsupported("1.0")
-    skip_special_tokens: Any = _unsupported("true (special tokens are always skipped)")
+    skip_special_tokens: bool | None = Field(
+        None, description="vLLM: false keeps special tokens (other than the final end token) "
+        "in the text",
+    )  # fmt: skip
     spaces_between_special_tokens: Any = _unsupported("true")
 
     def check_vllm_extensions(self, off_values: dict[str, tuple[Any, ...]]) -> None:

@@ -85,7 +85,8 @@ class ChatServing(EndpointServing):
             bad = ctx.bad_words_ids(body.bad_words)
             return [
                 ctx.choice(i, request_id, prompt, body.to_sampling_params(max_new, i, bad), agent,
-                           body.stop_strings(), grammar, bool(body.include_stop_str_in_output))
+                           body.stop_strings(), grammar, bool(body.include_stop_str_in_output),
+                           body.skip_special_tokens is not False)
                 for i in range(body.n)
             ]  # fmt: skip
 

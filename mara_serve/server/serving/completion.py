@@ -85,7 +85,8 @@ class CompletionServing(EndpointServing):
                     )
                     choices.append(ctx.choice(index, request_id, ids, params, agent,
                                               body.stop_strings(), grammar,
-                                              bool(body.include_stop_str_in_output)))  # fmt: skip
+                                              bool(body.include_stop_str_in_output),
+                                              body.skip_special_tokens is not False))  # fmt: skip
                     echoes.append(echo)
             return choices
 

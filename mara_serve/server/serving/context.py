@@ -123,6 +123,7 @@ class ServingContext:
         stops: list[str],
         grammar: str | None = None,
         include_stop: bool = False,
+        skip_special_tokens: bool = True,
     ) -> ChoiceState:
         """One choice: its engine request (pinning the agent's current version, with its own
         output constraint when the request has a format) and pipeline."""
@@ -131,7 +132,8 @@ class ServingContext:
             f"{request_id}-{index}", prompt, params, None if agent is None else agent.agent,
             constraint=constraint,
         )  # fmt: skip
-        return ChoiceState(index, request, self.tokenizer, stops, include_stop)
+        return ChoiceState(index, request, self.tokenizer, stops, include_stop,
+                           skip_special_tokens)  # fmt: skip
 
     def resolve_model(self, request: SamplingRequest) -> AgentEntry | None:
         return self.models.resolve(request.model)

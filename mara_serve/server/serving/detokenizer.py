@@ -19,15 +19,17 @@ _PROMPT_CONTEXT = 5  # prompt ids decoded along with the first tokens (leading-s
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = (),
+                 skip_special_tokens: bool = True):  # fmt: skip
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(prompt_ids[-_PROMPT_CONTEXT:])
         self.prefix_offset = 0  # start of the decode window
         self.read_offset = len(self.ids)  # ids before this have been emitted
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
         )
 
     def push(self, token_ids: Sequence[int]) -> str:

@@ -54,11 +54,12 @@ class ChoiceState:
 
     def __init__(
         self, index: int, request: Request, tokenizer: Any, stops: list[str],
-        include_stop: bool = False,
+        include_stop: bool = False, skip_special_tokens: bool = True,
     ):  # fmt: skip
         self.index = index
         self.request = request
-        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids,
+                                                  skip_special_tokens)  # fmt: skip
         self.stops = StopStringMatcher(stops, include_stop) if stops else None
         self.num_generated_tokens = 0
         self.finish_reason: str | None = None
