@@ -1,6 +1,7 @@
 """The independent refusal judge (training/judge.py): verdicts on written cases, and agreement
-with answers labelled by hand (tests/training/judge_labels.jsonl — content warning: harmful
-prompts and SmolLM2's answers to them, base and aligned, from `mara eval`)."""
+with answers labelled by hand: tests/training/judge_labels.jsonl, the 120 the judge was designed
+on, and judge_labels_heldout.jsonl, 60 labelled afterwards (content warning: harmful prompts and
+SmolLM2's answers to them, base and aligned, from `mara eval`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 from mara_serve.training.judge import Verdict, agreement, is_refusal_judged, judge
 from mara_serve.training.refusal import is_refusal
 
-LABELS = Path(__file__).with_name("judge_labels.jsonl")
+LABELS = Path(__file__).with_name("judge_labels.jsonl")  # the set the judge was designed on
+# labelled afterwards, before the judge saw them: answers of another agent (validation)
+HELD_OUT = Path(__file__).with_name("judge_labels_heldout.jsonl")
 
 
 @pytest.mark.parametrize(
@@ -56,3 +59,12 @@ def test_the_judge_agrees_with_hand_labels():
     # the point of a second design: it does not count refuse-then-comply as a refusal
     rtc = [r for r in rows if not r["refused"] and is_refusal(r["response"])]
     assert rtc and sum(is_refusal_judged(r["response"]) for r in rtc) < len(rtc) / 2
+
+
+def test_the_judge_agrees_with_held_out_hand_labels():
+    rows = [json.loads(line) for line in HELD_OUT.read_text().splitlines()]
+    assert len(rows) >= 60 and 0 < sum(r["refused"] for r in rows) < len(rows)
+    judged = agreement([r["refused"] for r in rows],
+                       [is_refusal_judged(r["response"]) for r in rows])  # fmt: skip
+    print(f"held out: judge {judged}")
+    assert judged["agreement"] >= 0.85 and judged["kappa"] >= 0.7
