@@ -18,7 +18,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="HF model dir, model id in the local HF cache, or .gguf file "
+        help="HF model dir, HF model id (local cache, else downloaded from the Hub / "
+        "HF_ENDPOINT), or .gguf file "
         "(default: the embedded SmolLM2-135M-Instruct)",
     )
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")

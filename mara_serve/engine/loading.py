@@ -1,8 +1,8 @@
-"""Base model loading: a local HF directory, a model id in the local HF cache, a `.gguf` file,
+"""Base model loading: a local HF directory, a model id (the local HF cache, else downloaded
+from the Hub or `HF_ENDPOINT`'s mirror: hub.py; never with `HF_HUB_OFFLINE=1`), a `.gguf` file,
 or (no model given) the embedded default SmolLM2-135M-Instruct.
 
 Owns device/dtype resolution and the facts the engine needs about a model (`LoadedModel`).
-Never downloads from a hub: ids are looked up with `local_files_only=True`.
 """
 
 from __future__ import annotations
@@ -106,7 +106,26 @@ def _source(cfg: ModelConfig) -> tuple[str, dict, str]:
         return str(p), {}, p.name
     if p.exists():
         raise ModelLoadError(f"{p} is neither a model directory nor a .gguf file")
-    return cfg.model, {"local_files_only": True}, cfg.model
+    if _in_local_cache(cfg.model) or _offline():
+        return cfg.model, {"local_files_only": True}, cfg.model
+    from mara_serve.engine.hub import download_model
+
+    return str(download_model(cfg.model)), {}, cfg.model
+
+
+def _in_local_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id: let transformers say what is wrong
+        return True
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
@@ -121,11 +140,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
-        hint = (
-            " (not found locally; there is no model hub here)"
-            if "local_files_only" in kwargs
-            else ""
-        )
+        hint = " (not found in the local cache; HF_HUB_OFFLINE is set)" if _offline() else ""
         raise ModelLoadError(f"could not load model {cfg.model or name!r}{hint}: {e}") from None
     model.to(device).eval().requires_grad_(False)
     config = model.config

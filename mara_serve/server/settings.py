@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     # ---- model ----------------------------------------------------------------------------
     model: str | None = Field(
         None,
-        description="HF model dir, model id in the local HF cache, or .gguf file "
+        description="HF model dir, HF model id (local cache, else downloaded from the Hub / "
+        "HF_ENDPOINT), or .gguf file "
         "(default: the embedded SmolLM2-135M-Instruct)",
     )
     served_model_name: str | None = Field(
