@@ -86,13 +86,16 @@ def _template_knows_tools(tokenizer: Any, tools: list[dict[str, Any]]) -> bool:
 
 
 def call_schema(tools: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
-    """JSON schema of one call: of the named function, or of any of the tools."""
+    """JSON schema of one call: of the named function, or of any of the tools. The arguments
+    are the function's declared parameters only (`additionalProperties: false` unless the
+    schema says otherwise): a forced call never invents arguments, and a small model cannot
+    run on adding keys until max_tokens."""
     options = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": t["function"]["name"]},
-                "arguments": t["function"].get("parameters") or {"type": "object"},
+                "arguments": _declared_only(t["function"].get("parameters")),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
@@ -101,6 +104,14 @@ def call_schema(tools: list[dict[str, Any]], name: str | None) -> dict[str, Any]
         if name is None or t["function"]["name"] == name
     ]
     return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def _declared_only(params: dict[str, Any] | None) -> dict[str, Any]:
+    if not params:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    if params.get("type") == "object" and "properties" in params:
+        return {"additionalProperties": False, **params}
+    return params
 
 
 def parse_calls(text: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
