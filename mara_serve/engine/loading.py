@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -165,16 +166,21 @@ def render_chat(
     tools: list[dict] | None = None,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
+    chat_template: str | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Messages → prompt token ids, with the chat template rendered exactly once.
 
     The template already writes BOS where the model wants one, so the text is tokenized with
     add_special_tokens=False (the authors' code added a second BOS; docs/algorithm.md §5).
+    `chat_template` replaces the model's (transformers renders it in a Jinja sandbox);
+    `template_kwargs` are extra variables the template reads (e.g. `enable_thinking`).
     """
-    if getattr(tokenizer, "chat_template", None):
+    if chat_template or getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
+            continue_final_message=continue_final_message, chat_template=chat_template,
+            **(template_kwargs or {}),
         )  # fmt: skip
     else:  # a base model without a template: plain "role: content" turns
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)

@@ -157,6 +157,11 @@ class Settings(BaseSettings):
         "of its output rows so every thread reads weights (measured +25-55 percent engine "
         "tokens/s on a 2-core AVX2 CPU, same tokens, no extra memory)",
     )
+    trust_request_chat_template: bool = Field(
+        False,
+        description="accept a request's own chat_template (a Jinja template, rendered in a "
+        "sandbox but able to spend CPU); off: such a request is a 400",
+    )
     enforce_eager: bool = Field(
         False,
         description="on a GPU, run every decode forward eagerly instead of replaying CUDA "

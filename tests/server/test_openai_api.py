@@ -340,7 +340,6 @@ def test_user_and_openai_only_fields_are_accepted(client: openai.OpenAI) -> None
 # vLLM extension fields with a value that asks for behaviour this server does not implement
 VLLM_ASKS = {
     "guided_decoding_backend": "xgrammar",
-    "chat_template_kwargs": {"enable_thinking": True},
 }
 
 
@@ -545,3 +544,37 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(client: openai.OpenAI,
     shown = client.completions.create(**kwargs, extra_body={"skip_special_tokens": False})
     assert hidden == ""
     assert shown.choices[0].text == tok.decode([special] * 3, skip_special_tokens=False)
+
+
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    "{% if shout %}!!!{% endif %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_request_chat_templates_only_when_trusted(client: openai.OpenAI, start_server) -> None:
+    with pytest.raises(openai.BadRequestError) as e:  # off by default: a template runs code
+        client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2,
+                                       extra_body={"chat_template": TEMPLATE})  # fmt: skip
+    assert e.value.body["param"] == "chat_template"
+    with pytest.raises(openai.BadRequestError) as e:
+        reserved = {"chat_template_kwargs": {"tokenize": False}}
+        client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2,
+                                       extra_body=reserved)  # fmt: skip
+    assert e.value.body["param"] == "chat_template_kwargs"
+    live = start_server(trust_request_chat_template=True)
+    trusted = openai.OpenAI(base_url=live.base_url + "/v1", api_key="x", max_retries=0)
+    r = trusted.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+        extra_body={"chat_template": TEMPLATE, "chat_template_kwargs": {"shout": True},
+                    "return_token_ids": True},
+    )  # fmt: skip
+    prompt = httpx.post(
+        live.base_url + "/detokenize",
+        json={"model": BASE, "tokens": r.model_extra["prompt_token_ids"]},
+    ).json()
+    assert prompt["prompt"] == "<user>Hi!!!<assistant>"
+    with pytest.raises(openai.BadRequestError) as e:  # a broken template is a 400, not a 500
+        trusted.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2,
+                                        extra_body={"chat_template": "{% for %}"})  # fmt: skip
+    assert e.value.body["param"] == "chat_template"

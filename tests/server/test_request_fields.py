@@ -18,7 +18,8 @@ IMPLEMENTED = {
     "repetition_penalty", "min_tokens", "include_stop_str_in_output", "add_generation_prompt",
     "continue_final_message", "ignore_eos", "stop_token_ids", "mara_trace",
     "truncate_prompt_tokens", "allowed_token_ids", "return_token_ids", "min_p", "guided_grammar",
-    "prompt_logprobs", "echo", "bad_words", "skip_special_tokens",
+    "prompt_logprobs", "echo", "bad_words", "skip_special_tokens", "chat_template",
+    "chat_template_kwargs",
 }  # fmt: skip
 COMPLETIONS_ONLY = {"prompt", "echo", "best_of", "suffix"}  # implemented (suffix/best_of ≠ n: 400)
 NO_EFFECT = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
@@ -28,10 +29,8 @@ REFUSED = {"/v1/chat/completions": set(VLLM_OFF_VALUES) | set(CHAT_OFF_VALUES),
 # a value that asks for what the server does not do, per refused field
 ASK = {
     "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ",
-
     "logits_processors": ["p"], "use_beam_search": True,
     "length_penalty": 2.0, "spaces_between_special_tokens": False,
-    "chat_template": "{{ x }}", "chat_template_kwargs": {"a": 1},
     "documents": [{"text": "d"}],
 }  # fmt: skip
 

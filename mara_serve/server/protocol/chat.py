@@ -112,8 +112,15 @@ class NamedToolChoice(RequestModel):
 
 
 CHAT_OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "chat_template": (None,),
-    "chat_template_kwargs": (None, {}), "documents": (None,),
+    "documents": (None,),
+}  # fmt: skip
+
+
+# apply_chat_template's own arguments: the request sets them through its fields, or never
+_TEMPLATE_RESERVED = {
+    "messages", "conversation", "tools", "documents", "chat_template", "tokenize",
+    "add_generation_prompt", "continue_final_message", "return_dict", "return_tensors",
+    "padding", "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask",
 }  # fmt: skip
 
 
@@ -164,8 +171,13 @@ class ChatCompletionRequest(SamplingRequest):
     continue_final_message: bool | None = Field(
         None, description="vLLM: continue the last (assistant) message instead of a new turn"
     )
-    chat_template: Any = Field(None, description="vLLM extension, not supported: only null")
-    chat_template_kwargs: Any = Field(None, description="vLLM extension, not supported: only {}")
+    chat_template: str | None = Field(
+        None, min_length=1, max_length=65536,
+        description="vLLM: a Jinja chat template used instead of the model's (sandboxed)",
+    )  # fmt: skip
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM: extra variables for the chat template (e.g. enable_thinking)"
+    )
     documents: Any = Field(None, description="vLLM extension, not supported: only null")
 
     def logprobs_count(self) -> int | None:
@@ -185,6 +197,12 @@ class ChatCompletionRequest(SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
+        reserved = set(self.chat_template_kwargs or ()) & _TEMPLATE_RESERVED
+        if reserved:
+            raise APIError(
+                f"chat_template_kwargs cannot set {', '.join(sorted(reserved))} (request fields "
+                "or the server's own)", param="chat_template_kwargs",
+            )  # fmt: skip
         if self.continue_final_message:
             if self.add_generation_prompt:
                 raise APIError(

@@ -52,6 +52,12 @@ class ChatServing(EndpointServing):
         """Check, template and admit every choice; raises (→ 4xx/429/503) before any response."""
         ctx = self.ctx
         body.check_supported()
+        if body.chat_template is not None and not ctx.settings.trust_request_chat_template:
+            raise APIError(
+                "a request's chat_template is not accepted by this server (start it with "
+                "--trust-request-chat-template to allow it)", param="chat_template",
+                code="unsupported_parameter",
+            )  # fmt: skip
         tools.check_tools(body)
         ctx.check_limits(body)
         if len(body.messages) > ctx.settings.max_messages:
@@ -75,6 +81,7 @@ class ChatServing(EndpointServing):
                 messages, native_tools, add_generation_prompt=body.add_generation_prompt
                 is not False and not body.continue_final_message,
                 continue_final_message=bool(body.continue_final_message),
+                chat_template=body.chat_template, template_kwargs=body.chat_template_kwargs,
             )  # fmt: skip
             prompt = body.truncated(prompt)
             param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"

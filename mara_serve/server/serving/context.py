@@ -168,14 +168,18 @@ class ServingContext:
     async def tokenize_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True, continue_final_message: bool = False,
+        chat_template: str | None = None, template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:  # fmt: skip
-        size = sum(len(m["content"]) for m in messages)
-        args = (self.tokenizer, messages, tools, add_generation_prompt, continue_final_message)
+        size = sum(len(m["content"]) for m in messages) + len(chat_template or "")
+        args = (self.tokenizer, messages, tools, add_generation_prompt, continue_final_message,
+                chat_template, template_kwargs)  # fmt: skip
         try:
-            if size > _THREADPOOL_CHARS or tools:
+            if size > _THREADPOOL_CHARS or tools or chat_template:
                 return await run_in_threadpool(render_chat, *args)
             return render_chat(*args)
-        except (TemplateError, ValueError) as e:  # e.g. "roles must alternate user/assistant"
+        except (TemplateError, ValueError, TypeError) as e:  # "roles must alternate…"
+            if chat_template:
+                raise APIError(f"the chat_template failed: {e}", param="chat_template") from None
             raise APIError(
                 f"the model's chat template rejected the messages: {e}", param="messages"
             ) from None
