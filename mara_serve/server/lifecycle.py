@@ -32,6 +32,7 @@ from mara_serve.server.serving.completion import CompletionServing
 from mara_serve.server.serving.context import ServingContext
 from mara_serve.server.serving.logprobs import LogprobRenderer
 from mara_serve.server.serving.models import ServedModels
+from mara_serve.server.serving.responses import ResponsesServing
 from mara_serve.server.serving.structured import StructuredOutputs
 from mara_serve.server.serving.trace import TraceRenderer
 from mara_serve.server.settings import Settings
@@ -114,9 +115,10 @@ def wire(state: ServerState, engine: AsyncEngine) -> Services:
         logprobs=LogprobRenderer(lm.tokenizer, traces.token_text),
         structured=StructuredOutputs(lm.tokenizer, lm.vocab_size, lm.eos_token_ids),
     )
+    chat = ChatServing(ctx)
     return Services(
         engine=engine, lm=lm, registry=registry, models=models, agents=admin,
-        chat=ChatServing(ctx), completions=CompletionServing(ctx),
+        chat=chat, completions=CompletionServing(ctx), responses=ResponsesServing(chat),
     )  # fmt: skip
 
 

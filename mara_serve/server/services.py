@@ -17,6 +17,7 @@ from mara_serve.server.serving.agents import AgentAdmin
 from mara_serve.server.serving.chat import ChatServing
 from mara_serve.server.serving.completion import CompletionServing
 from mara_serve.server.serving.models import ServedModels
+from mara_serve.server.serving.responses import ResponsesServing
 
 
 @dataclass(frozen=True)
@@ -28,3 +29,4 @@ class Services:
     agents: AgentAdmin
     chat: ChatServing
     completions: CompletionServing
+    responses: ResponsesServing

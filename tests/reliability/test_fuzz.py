@@ -39,6 +39,7 @@ CHECKS = [
 OPERATIONS = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/responses"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model_id}"),
     ("POST", "/tokenize"),
@@ -119,7 +120,7 @@ def steer(case: Any, i: int) -> None:
     if "model" in body and i % 3 != 2:
         for name in REFUSED:
             body.pop(name, None)
-        for name in ("max_tokens", "max_completion_tokens"):
+        for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if isinstance(body.get(name), int) and body[name] > MAX_TOKENS:
                 body[name] = MAX_TOKENS  # keeps the run short; the bounds are fuzzed otherwise
         for message in body.get("messages") or []:

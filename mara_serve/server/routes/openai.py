@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions and /v1/completions (API key required)."""
+"""POST /v1/chat/completions, /v1/completions and /v1/responses (API key required)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from mara_serve.server.auth import require_api_key
 from mara_serve.server.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
 from mara_serve.server.protocol.completion import CompletionRequest, CompletionResponse
 from mara_serve.server.protocol.errors import error_responses
+from mara_serve.server.protocol.responses import ResponseObject, ResponsesRequest
 from mara_serve.server.routes.deps import Ready
 
 router = APIRouter(
@@ -49,3 +50,10 @@ async def create_chat_completion(
 async def create_completion(body: CompletionRequest, request: Request, services: Ready) -> Response:
     """Creates a completion for the prompt(s) (SSE stream with `stream: true`)."""
     return await services.completions.create(body, request)
+
+
+@router.post("/responses", response_model=ResponseObject, responses=STREAM_RESPONSE)
+async def create_response(body: ResponsesRequest, request: Request, services: Ready) -> Response:
+    """Creates a model response (OpenAI's Responses API, served through the chat path; nothing
+    is stored). SSE events with `stream: true`."""
+    return await services.responses.create(body, request)
