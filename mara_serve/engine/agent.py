@@ -166,9 +166,18 @@ def load_agent(
 ) -> Agent:
     """Load an agent from a `.pth` (authors), a `.safetensors` file, or an agent directory.
 
+    `hf://ORG/REPO[/PATH]` is downloaded from the Hugging Face Hub first (engine/hub.py).
     Raises AgentLoadError with a clear message for anything that is not a valid agent, and
     when `expected_hidden_size` (the base model's) differs from the agent's.
     """
+    if isinstance(path, str) and path.startswith("hf://"):
+        from mara_serve.engine.errors import ModelLoadError
+        from mara_serve.engine.hub import download_agent
+
+        try:
+            path = download_agent(path)
+        except ModelLoadError as e:
+            raise AgentLoadError(str(e)) from None
     path = Path(path)
     if not path.exists():
         raise AgentLoadError(f"agent file not found: {path}")

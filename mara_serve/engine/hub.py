@@ -1,5 +1,6 @@
 """Downloading a model from the Hugging Face Hub (or a mirror: `HF_ENDPOINT`) into the local HF
-cache, for `--model ORG/NAME` when the cache does not have it yet.
+cache, for `--model ORG/NAME` when the cache does not have it yet; and agents given as
+`hf://ORG/REPO[/PATH]` (a `.pth` / `.safetensors` file, or an agent directory).
 
 Only what loading needs is fetched, file by file (`hf_hub_download`: resumable, cached, the
 usual `HF_TOKEN` / `HF_HOME` / `HF_ENDPOINT` / `HF_HUB_OFFLINE` environment): the config and
@@ -61,3 +62,41 @@ def download_model(repo_id: str, revision: str | None = None) -> Path:
             "pickled .bin weights are not loaded"
         )
     return config.parent
+
+
+HUB_AGENT_PREFIX = "hf://"
+
+
+def download_agent(spec: str) -> Path:
+    """`hf://ORG/REPO[/PATH]` → the local path of that agent: a `.pth` or `.safetensors` file
+    (with its `.json` card when there is one), else the directory PATH (repo root without
+    one) holding `agent.safetensors` and `agent.json`."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+
+    parts = spec.removeprefix(HUB_AGENT_PREFIX).strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ModelLoadError(f"agent {spec!r}: expected hf://ORG/REPO[/PATH]")
+    repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+
+    def fetch(name: str, required: bool = True) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo, name))
+        except EntryNotFoundError:
+            if required:
+                raise ModelLoadError(f"agent {spec!r}: {repo} has no {name}") from None
+            return None
+        except RepositoryNotFoundError:
+            raise ModelLoadError(f"agent {spec!r}: repository {repo!r} not found") from None
+        except (HfHubHTTPError, OSError) as e:
+            raise ModelLoadError(f"agent {spec!r}: could not download {name}: {e}") from None
+
+    if sub.endswith((".pth", ".pt")):
+        return fetch(sub)  # type: ignore[return-value]
+    if sub.endswith(".safetensors"):
+        fetch(sub.removesuffix(".safetensors") + ".json", required=False)
+        return fetch(sub)  # type: ignore[return-value]
+    prefix = f"{sub}/" if sub else ""
+    weights = fetch(prefix + "agent.safetensors")
+    fetch(prefix + "agent.json", required=False)
+    return weights.parent  # type: ignore[union-attr]

@@ -77,9 +77,9 @@ def build_llm_engine(settings: Settings) -> LLMEngine:
     return LLMEngine(lm, engine_config(settings))
 
 
-def startup_agents(settings: Settings, model_name: str) -> dict[str, Path]:
+def startup_agents(settings: Settings, model_name: str) -> dict[str, Path | str]:
     """The shipped default agents (embedded default model only), then --agent (which wins)."""
-    agents: dict[str, Path] = {}
+    agents: dict[str, Path | str] = {}
     if settings.default_agents and settings.model is None and model_name == DEFAULT_MODEL_NAME:
         agents.update(default_agents())
     agents.update(settings.agents)

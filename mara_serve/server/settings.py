@@ -107,10 +107,11 @@ class Settings(BaseSettings):
     )
 
     # ---- agents ---------------------------------------------------------------------------
-    agents: Annotated[dict[str, Path], NoDecode] = Field(
+    agents: Annotated[dict[str, str | Path], NoDecode] = Field(
         default_factory=dict,
         description="agents loaded at start as NAME=PATH (flag repeatable; env 'a=/p,b=/q'); "
-        "any path the operator chooses; a name here replaces a shipped default agent",
+        "any path the operator chooses, or hf://ORG/REPO[/PATH] from the Hugging Face Hub; "
+        "a name here replaces a shipped default agent",
     )
     agent_dir: Path | None = Field(
         None, description="the only directory the admin API may load agents from"

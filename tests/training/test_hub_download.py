@@ -122,3 +122,45 @@ def test_hub_errors_are_clear(hub, tmp_path):
     offline = load("acme/other", hub.url, home, offline=True)
     assert offline.startswith("ERROR") and "HF_HUB_OFFLINE" in offline
     assert json.dumps(hub.requests)  # the stand-in was asked (not a local failure)
+
+
+AGENT = (
+    "import sys; from mara_serve.engine.agent import load_agent\n"
+    "from mara_serve.engine.errors import AgentLoadError\n"
+    "try:\n"
+    "    a = load_agent(sys.argv[1], expected_hidden_size=64)\n"
+    "    print('LOADED', a.name, a.hidden_size)\n"
+    "except AgentLoadError as e:\n"
+    "    print('ERROR', str(e).replace(chr(10), ' '))\n"
+)
+
+
+def test_agents_from_the_hub(tmp_path):
+    """`hf://ORG/REPO/PATH`: an agent directory (ours) and an authors' `.pth` file."""
+    import torch
+    from tiny_models import make_agent
+
+    from mara_serve.engine.agent import AgentCard, save_agent
+
+    repo = tmp_path / "agents-repo"
+    agent = make_agent("accept")
+    save_agent(agent.network, AgentCard("hub-safety", 64), repo / "safety")
+    torch.save(agent.network.state_dict(), repo / "authors_actor.pth")
+    hub = FakeHub({"acme/agents": repo})
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "home"),
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}  # fmt: skip
+    try:
+
+        def run(spec: str) -> str:
+            out = subprocess.run([sys.executable, "-c", AGENT, spec], env=env,
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert out.returncode == 0, out.stderr[-2000:]
+            return out.stdout.strip().splitlines()[-1]
+
+        assert run("hf://acme/agents/safety") == "LOADED hub-safety 64"
+        assert run("hf://acme/agents/authors_actor.pth").startswith("LOADED")
+        missing = run("hf://acme/agents/nothing-here")
+        assert missing.startswith("ERROR") and "agent.safetensors" in missing
+        assert run("hf://acme").startswith("ERROR")  # not ORG/REPO
+    finally:
+        hub.close()

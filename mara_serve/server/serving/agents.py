@@ -115,7 +115,7 @@ class AgentAdmin:
                 f"{name!r} is the base model's id; pick another agent name", param="name"
             )
 
-    def load_sync(self, name: str, path: Path) -> AgentEntry:
+    def load_sync(self, name: str, path: Path | str) -> AgentEntry:
         """Startup loading (any path the operator gave): raises AgentLoadError."""
         entry = self.run_torch(lambda: self.registry.load(name, path))
         self.metrics.agent_loaded(name)
