@@ -22,6 +22,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "HF_ENDPOINT), or .gguf file "
         "(default: the embedded SmolLM2-135M-Instruct)",
     )
+    p.add_argument("--revision", default=None,
+                   help="a Hub model's branch, tag or commit (default: main)")  # fmt: skip
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default)")
     p.add_argument(
         "--dtype",
@@ -46,6 +48,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     """The `ModelConfig` of the shared model flags."""
     return ModelConfig(
         model=args.model,
+        revision=args.revision,
         device=args.device,
         dtype=args.dtype,
         cache_dir=args.cache_dir or default_cache_dir(),

@@ -34,6 +34,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     cache_dir: Path = field(default_factory=default_cache_dir)  # where the default model lives
     max_model_len: int | None = None  # None → the model's own context length
+    revision: str | None = None  # a Hub model's branch, tag or commit (None: main)
 
 
 @dataclass
@@ -107,18 +108,20 @@ def _source(cfg: ModelConfig) -> tuple[str, dict, str]:
         return str(p), {}, p.name
     if p.exists():
         raise ModelLoadError(f"{p} is neither a model directory nor a .gguf file")
-    if _in_local_cache(cfg.model) or _offline():
-        return cfg.model, {"local_files_only": True}, cfg.model
+    pinned = {"revision": cfg.revision} if cfg.revision else {}
+    if _in_local_cache(cfg.model, cfg.revision) or _offline():
+        return cfg.model, {"local_files_only": True, **pinned}, cfg.model
     from mara_serve.engine.hub import download_model
 
-    return str(download_model(cfg.model)), {}, cfg.model
+    return str(download_model(cfg.model, cfg.revision)), {}, cfg.model
 
 
-def _in_local_cache(repo_id: str) -> bool:
+def _in_local_cache(repo_id: str, revision: str | None = None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+        return isinstance(found, str)
     except ValueError:  # not a valid repo id: let transformers say what is wrong
         return True
 

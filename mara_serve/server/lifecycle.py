@@ -68,6 +68,7 @@ def build_llm_engine(settings: Settings) -> LLMEngine:
     lm = load_model(
         ModelConfig(
             model=settings.model,
+            revision=settings.revision,
             device=settings.device,
             dtype=settings.dtype,
             cache_dir=settings.cache_dir,

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
         "HF_ENDPOINT), or .gguf file "
         "(default: the embedded SmolLM2-135M-Instruct)",
     )
+    revision: str | None = Field(
+        None, description="a Hub model's branch, tag or commit (default: main)"
+    )
     served_model_name: str | None = Field(
         None, description="the base model's id in the API (default: derived from --model)"
     )

@@ -73,19 +73,21 @@ LOAD = (
     "import sys; from mara_serve.engine.loading import ModelConfig, load_model\n"
     "from mara_serve.engine.errors import ModelLoadError\n"
     "try:\n"
-    "    lm = load_model(ModelConfig(model=sys.argv[1], device='cpu', dtype='float32'))\n"
+    "    rev = sys.argv[2] if len(sys.argv) > 2 else None\n"
+    "    lm = load_model(ModelConfig(model=sys.argv[1], revision=rev, device='cpu',\n"
+    "                                dtype='float32'))\n"
     "    print('LOADED', lm.name, lm.hidden_size)\n"
     "except ModelLoadError as e:\n"
     "    print('ERROR', str(e).replace(chr(10), ' '))\n"
 )
 
 
-def load(model: str, endpoint: str, home: Path, offline: bool = False) -> str:
+def load(model: str, endpoint: str, home: Path, offline: bool = False, *rev: str) -> str:
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home),
            "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "1" if offline else "0"}  # fmt: skip
     env.pop("HF_HUB_CACHE", None)
-    out = subprocess.run([sys.executable, "-c", LOAD, model], env=env, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", LOAD, model, *rev], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip().splitlines()[-1]
 
@@ -111,6 +113,12 @@ def test_a_hub_model_is_downloaded_once_then_loads_from_the_cache(hub, tmp_path)
     hub.close()  # the hub is gone: the second start needs only the cache
     assert load("acme/tiny", hub.url, home) == "LOADED acme/tiny 64"
     assert load("acme/tiny", hub.url, home, offline=True) == "LOADED acme/tiny 64"
+
+
+def test_a_revision_is_fetched_by_name(hub, tmp_path):
+    assert load("acme/tiny", hub.url, tmp_path / "home", False, "v1.0") == "LOADED acme/tiny 64"
+    files = [p for p in hub.requests if "/resolve/" in p]
+    assert files and all("/resolve/v1.0/" in p for p in files)
 
 
 def test_hub_errors_are_clear(hub, tmp_path):
