@@ -87,3 +87,17 @@ def test_what_needs_storage_or_is_unknown_is_a_400(client, extra, param) -> None
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=BASE, input="Hi", max_output_tokens=2, extra_body=extra)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_the_chat_extensions_pass_through(client) -> None:
+    """top_k, seed, min_p… mean on /v1/responses what they mean on chat."""
+    extra = {"top_k": 1, "seed": 7, "ignore_eos": True, "min_tokens": 3}
+    r = client.responses.create(model=BASE, input="Hi", max_output_tokens=5, temperature=1.0,
+                                extra_body=extra)  # fmt: skip
+    want = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "Hi"}],
+                                          max_completion_tokens=5, temperature=1.0,
+                                          extra_body=extra)  # fmt: skip
+    assert r.output_text == want.choices[0].message.content and r.usage.output_tokens == 5
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=BASE, input="Hi", extra_body={"min_p": 2})
+    assert e.value.body["param"] == "min_p"

@@ -23,6 +23,11 @@ _REFUSED = ("previous_response_id", "conversation", "background", "reasoning", "
             "prompt")  # fmt: skip
 
 
+_PASSED = tuple((f, f) for f in ("top_k", "seed", "min_p", "repetition_penalty",
+                                  "presence_penalty", "frequency_penalty", "min_tokens",
+                                  "ignore_eos", "bad_words"))  # fmt: skip
+
+
 class ResponsesRequest(RequestModel):
     model: str = Field(description="the base model or an agent (MARA decoding)")
     input: str | list[dict[str, Any]] = Field(description="a string or input items")
@@ -42,6 +47,16 @@ class ResponsesRequest(RequestModel):
     prompt_cache_key: str | None = None
     service_tier: str | None = None
     truncation: Literal["disabled"] | None = None
+    # the chat path's extensions, passed through as they are (see the chat request)
+    top_k: int | None = Field(None, ge=1, description="MARA candidates / plain top-k")
+    seed: int | None = None
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+    bad_words: list[str] | None = None
     previous_response_id: Any = None
     conversation: Any = None
     background: Any = None
@@ -63,7 +78,7 @@ class ResponsesRequest(RequestModel):
         body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": self.stream}
         for src, dst in (("max_output_tokens", "max_completion_tokens"),
                          ("temperature", "temperature"), ("top_p", "top_p"),
-                         ("parallel_tool_calls", "parallel_tool_calls")):  # fmt: skip
+                         ("parallel_tool_calls", "parallel_tool_calls")) + _PASSED:  # fmt: skip
             if getattr(self, src) is not None:
                 body[dst] = getattr(self, src)
         if self.stream:
