@@ -114,7 +114,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("MARA_API_KEY", "")
     s = Settings()
     assert s.port == 9001 and s.agent_dir == tmp_path and s.api_key is None
-    assert s.agents == {"a": Path("/p/a"), "b": Path("/p/b")}
+    assert s.agents == {"a": "/p/a", "b": "/p/b"}  # as given: a path or hf://ORG/REPO/PATH
     assert s.cors_origins == ["http://x.test", "http://y.test"]
 
 
@@ -169,7 +169,7 @@ def test_cli_flags_override_env_and_absent_flags_keep_it(monkeypatch: pytest.Mon
     )
     s = settings_from(args)
     assert (s.port, s.max_waiting, s.default_agents, s.dtype) == (8123, 7, False, "float32")
-    assert s.agents == {"a": Path("/x"), "b": Path("/y")}
+    assert s.agents == {"a": "/x", "b": "/y"}
     assert s.api_key is not None and s.api_key.get_secret_value() == "k"
     assert s.host == "127.0.0.1"
 
