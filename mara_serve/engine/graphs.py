@@ -48,6 +48,24 @@ def key_bucket(n: int, cap: int) -> int:
     return min(size, cap)
 
 
+def pack_inputs(lengths: list[int], tokens: list[int], row_of: list[int], col_of: list[int],
+                rank_of: list[int], slots: list[int] | None = None) -> list[int]:  # fmt: skip
+    """A decode forward's integer inputs in one list (one host→device copy), in the order
+    `run_packed` splits them; `slots` only when the rows are not the dense slots 0..R-1."""
+    return lengths + tokens + row_of + col_of + rank_of + (slots or [])
+
+
+def run_packed(forward: Callable[..., torch.Tensor], inputs: torch.Tensor, num_rows: int,
+               num_tokens: int, kmax: int, num_keys: int, dense: bool) -> torch.Tensor:  # fmt: skip
+    """`forward` (ModelRunner.forward_tokens) on inputs packed by `pack_inputs`."""
+    n = num_tokens
+    lengths, tok, row_of, col_of, rank, *slots = inputs.split(
+        [num_rows, n, n, n, n] + ([] if dense else [num_rows])
+    )
+    return forward(num_rows if dense else slots[0], lengths, tok, row_of, col_of, kmax, rank,
+                   num_keys=num_keys)  # fmt: skip
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -86,20 +104,7 @@ class PaddedForward:
                  row_of: list[int], col_of: list[int], rank_of: list[int],
                  shape: tuple) -> torch.Tensor:  # fmt: skip
         """Final hidden states (N, H) of the N packed tokens (as forward_tokens' arguments)."""
-        R_b, K_b, S_b, dense = shape
-        cells = R_b * K_b
-        last = self.cache.capacity - 1
-        lengths_p = lengths + [0] * (R_b - len(lengths))
-        tok = [0] * cells
-        rank = [last - lengths_p[c // K_b] for c in range(cells)]  # padding: stored at `last`
-        real = [r * K_b + c for r, c in zip(row_of, col_of, strict=True)]
-        for cell, t, k in zip(real, tokens, rank_of, strict=True):
-            tok[cell], rank[cell] = t, k
-        grid = torch.arange(cells)
-        slot_p = [] if dense else slots + [slots[0]] * (R_b - len(slots))
-        host = torch.cat([
-            torch.tensor(lengths_p + tok), grid // K_b, grid % K_b, torch.tensor(rank + slot_p),
-        ])  # fmt: skip
+        host = torch.tensor(self._padded(shape, slots, lengths, tokens, row_of, col_of, rank_of))
         if self.capture:
             g = self._graph(shape)
             g.inputs.copy_(host)
@@ -108,37 +113,40 @@ class PaddedForward:
         else:
             out = self._run(host.to(self.device), shape)
         self.replays += 1
+        real = [r * shape[1] + c for r, c in zip(row_of, col_of, strict=True)]
         # index_select copies: the next replay of any graph of the pool overwrites `out`
-        if len(real) == cells and self.capture:
+        if len(real) == out.shape[0] and self.capture:
             return out.clone()
         return out.index_select(0, torch.tensor(real, device=out.device))
 
+    def _padded(self, shape: tuple, slots: list[int], lengths: list[int], tokens: list[int],
+                row_of: list[int], col_of: list[int], rank_of: list[int]) -> list[int]:  # fmt: skip
+        """The bucket's full (R_b, K_b) grid, packed (`pack_inputs`): the real tokens in their
+        cells, every other cell padding stored at the last cache position."""
+        R_b, K_b, _, dense = shape
+        cells = R_b * K_b
+        last = self.cache.capacity - 1
+        lengths_p = lengths + [0] * (R_b - len(lengths))
+        tok = [0] * cells
+        rank = [last - lengths_p[c // K_b] for c in range(cells)]
+        for r, c, t, k in zip(row_of, col_of, tokens, rank_of, strict=True):
+            tok[r * K_b + c], rank[r * K_b + c] = t, k
+        slot_p = None if dense else (slots + [slots[0] if slots else 0] * (R_b - len(slots)))
+        return pack_inputs(lengths_p, tok, [c // K_b for c in range(cells)],
+                           [c % K_b for c in range(cells)], rank, slot_p)  # fmt: skip
+
     def _run(self, inputs: torch.Tensor, shape: tuple) -> torch.Tensor:
-        """The forward on packed inputs: lengths, tokens, row, column, rank (+ slots)."""
         R_b, K_b, S_b, dense = shape
-        n = R_b * K_b
-        lengths, tok, row_of, col_of, rank, *slots = inputs.split(
-            [R_b, n, n, n, n] + ([] if dense else [R_b])
-        )
-        rows = R_b if dense else slots[0]
-        return self.forward(rows, lengths, tok, row_of, col_of, K_b, rank,
-                                          num_keys=S_b)  # fmt: skip
+        return run_packed(self.forward, inputs, R_b, R_b * K_b, K_b, S_b, dense)
 
     def _graph(self, shape: tuple) -> _Graph:
         g = self.graphs.get(shape)
         if g is not None:
             self.graphs.move_to_end(shape)
             return g
-        R_b, K_b, _, dense = shape
-        n = R_b * K_b
-        grid = torch.arange(n)
-        last = self.cache.capacity - 1
-        # An all-padding grid for warm-up and capture: every write goes to a `last` position.
-        init = torch.cat([torch.zeros(R_b + n, dtype=torch.long), grid // K_b, grid % K_b,
-                          torch.full((n,), last), torch.zeros(0 if dense else R_b,
-                                                              dtype=torch.long)])  # fmt: skip
         device = self.device
-        inputs = init.to(device)
+        # An all-padding grid for warm-up and capture: every write goes to the last position.
+        inputs = torch.tensor(self._padded(shape, [], [], [], [], [], []), device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up off the capture (workspaces, lazy init)

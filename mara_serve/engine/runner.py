@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mara_serve.engine.errors import UnsupportedModelError
-from mara_serve.engine.graphs import PaddedForward
+from mara_serve.engine.graphs import PaddedForward, pack_inputs, run_packed
 from mara_serve.engine.kv_cache import KVCache, KVPlan, bytes_per_position
 from mara_serve.engine.loading import LoadedModel
 from mara_serve.engine.weights import (
@@ -219,12 +219,9 @@ class ModelRunner:
             shape = self.padded.shape(len(slots), kmax, num_keys, dense)
             if shape is not None:
                 return self.padded(slots, lengths, tokens, row_of, col_of, rank_of, shape)
-        R, N = len(slots), len(tokens)
-        packed = torch.tensor(lengths + tokens + row_of + col_of + rank_of
-                              + ([] if dense else slots), device=self.device)  # fmt: skip
-        lens, tok, row, col, rank, *rest = packed.split([R, N, N, N, N] + ([] if dense else [R]))
-        return self.forward_tokens(R if dense else rest[0], lens, tok, row, col, kmax, rank,
-                                   num_keys=num_keys)  # fmt: skip
+        packed = pack_inputs(lengths, tokens, row_of, col_of, rank_of, None if dense else slots)
+        return run_packed(self.forward_tokens, torch.tensor(packed, device=self.device),
+                          len(slots), len(tokens), kmax, num_keys, dense)  # fmt: skip
 
     @torch.inference_mode()
     def forward_tokens(
