@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mara_serve.engine.errors import AgentLoadError
+from mara_serve.engine.errors import AgentLoadError, ModelLoadError
+from mara_serve.engine.hub import HUB_AGENT_PREFIX, download_agent
 
 ACCEPT = 1
 WEIGHTS_FILE = "agent.safetensors"
@@ -170,10 +171,7 @@ def load_agent(
     Raises AgentLoadError with a clear message for anything that is not a valid agent, and
     when `expected_hidden_size` (the base model's) differs from the agent's.
     """
-    if isinstance(path, str) and path.startswith("hf://"):
-        from mara_serve.engine.errors import ModelLoadError
-        from mara_serve.engine.hub import download_agent
-
+    if isinstance(path, str) and path.startswith(HUB_AGENT_PREFIX):
         try:
             path = download_agent(path)
         except ModelLoadError as e:

@@ -28,24 +28,33 @@ OPTIONAL = (
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
-def download_model(repo_id: str, revision: str | None = None) -> Path:
-    """The local directory holding `repo_id`'s loadable files (downloaded if needed)."""
+def _fetch(repo: str, name: str, what: str, required: bool = True,
+           revision: str | None = None) -> Path | None:  # fmt: skip
+    """One file of `repo` in the local HF cache (downloaded if needed); None when it does not
+    exist and is not `required`. `what` names the thing being loaded in errors."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
+    try:
+        return Path(hf_hub_download(repo, name, revision=revision))
+    except EntryNotFoundError:
+        if required:
+            raise ModelLoadError(f"{what}: {repo} has no {name}") from None
+        return None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"{what}: repository {repo!r} not found on the hub (or it is gated: set HF_TOKEN)"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelLoadError(f"{what}: could not download {name}: {e}") from None
+
+
+def download_model(repo_id: str, revision: str | None = None) -> Path:
+    """The local directory holding `repo_id`'s loadable files (downloaded if needed)."""
+    what = f"model {repo_id!r}"
+
     def fetch(name: str, required: bool) -> Path | None:
-        try:
-            return Path(hf_hub_download(repo_id, name, revision=revision))
-        except EntryNotFoundError:
-            if required:
-                raise ModelLoadError(f"model {repo_id!r} has no {name}") from None
-            return None
-        except RepositoryNotFoundError:
-            raise ModelLoadError(
-                f"model {repo_id!r} not found on the hub (or it is gated: set HF_TOKEN)"
-            ) from None
-        except (HfHubHTTPError, OSError) as e:
-            raise ModelLoadError(f"could not download {name} of {repo_id!r}: {e}") from None
+        return _fetch(repo_id, name, what, required, revision)
 
     log.info("fetching %s from the hub (once; then from the local cache)", repo_id)
     config = fetch("config.json", True)
@@ -58,10 +67,10 @@ def download_model(repo_id: str, revision: str | None = None) -> Path:
             fetch(shard, True)
     elif fetch(WEIGHTS, False) is None:
         raise ModelLoadError(
-            f"model {repo_id!r} has no safetensors weights ({WEIGHTS} or {WEIGHTS_INDEX}); "
+            f"{what} has no safetensors weights ({WEIGHTS} or {WEIGHTS_INDEX}); "
             "pickled .bin weights are not loaded"
         )
-    return config.parent
+    return config.parent  # type: ignore[union-attr]
 
 
 HUB_AGENT_PREFIX = "hf://"
@@ -71,32 +80,17 @@ def download_agent(spec: str) -> Path:
     """`hf://ORG/REPO[/PATH]` → the local path of that agent: a `.pth` or `.safetensors` file
     (with its `.json` card when there is one), else the directory PATH (repo root without
     one) holding `agent.safetensors` and `agent.json`."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
-
     parts = spec.removeprefix(HUB_AGENT_PREFIX).strip("/").split("/")
     if len(parts) < 2 or not all(parts):
         raise ModelLoadError(f"agent {spec!r}: expected hf://ORG/REPO[/PATH]")
     repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
-
-    def fetch(name: str, required: bool = True) -> Path | None:
-        try:
-            return Path(hf_hub_download(repo, name))
-        except EntryNotFoundError:
-            if required:
-                raise ModelLoadError(f"agent {spec!r}: {repo} has no {name}") from None
-            return None
-        except RepositoryNotFoundError:
-            raise ModelLoadError(f"agent {spec!r}: repository {repo!r} not found") from None
-        except (HfHubHTTPError, OSError) as e:
-            raise ModelLoadError(f"agent {spec!r}: could not download {name}: {e}") from None
-
+    what = f"agent {spec!r}"
     if sub.endswith((".pth", ".pt")):
-        return fetch(sub)  # type: ignore[return-value]
+        return _fetch(repo, sub, what)  # type: ignore[return-value]
     if sub.endswith(".safetensors"):
-        fetch(sub.removesuffix(".safetensors") + ".json", required=False)
-        return fetch(sub)  # type: ignore[return-value]
+        _fetch(repo, sub.removesuffix(".safetensors") + ".json", what, required=False)
+        return _fetch(repo, sub, what)  # type: ignore[return-value]
     prefix = f"{sub}/" if sub else ""
-    weights = fetch(prefix + "agent.safetensors")
-    fetch(prefix + "agent.json", required=False)
+    weights = _fetch(repo, prefix + "agent.safetensors", what)
+    _fetch(repo, prefix + "agent.json", what, required=False)
     return weights.parent  # type: ignore[union-attr]

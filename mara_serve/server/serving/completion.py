@@ -66,6 +66,7 @@ class CompletionServing(EndpointServing):
 
         async def build(request_id: str, agent: AgentEntry | None) -> list[ChoiceState]:
             grammar = await ctx.output_grammar(body)
+            bad_words = ctx.bad_words_ids(body.bad_words)  # tokenized once for every choice
             choices: list[ChoiceState] = []
             for p_i, prompt in enumerate(prompts):
                 if isinstance(prompt, str):
@@ -80,9 +81,7 @@ class CompletionServing(EndpointServing):
                 )  # fmt: skip
                 for j in range(body.n):
                     index = p_i * body.n + j
-                    params = body.to_sampling_params(
-                        max_new, index, ctx.bad_words_ids(body.bad_words)
-                    )
+                    params = body.to_sampling_params(max_new, index, bad_words)
                     choices.append(ctx.choice(index, request_id, ids, params, agent,
                                               body.stop_strings(), grammar,
                                               bool(body.include_stop_str_in_output),
