@@ -29,6 +29,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +93,12 @@ class Sample:
     text: str = ""
     nll: float = 0.0  # summed token NLL of the response under the base model
 
-    @property
+    # Both detectors read the final text once (the report groups samples several ways).
+    @cached_property
     def refused(self) -> bool:
         return is_refusal(self.text)
 
-    @property
+    @cached_property
     def verdict(self) -> Verdict:
         """The independent judge's verdict (judge.py): refuse-then-comply is not a refusal."""
         return judge(self.text)

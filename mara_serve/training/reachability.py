@@ -25,6 +25,7 @@ import torch
 
 from mara_serve.engine.candidates import select_candidates
 from mara_serve.engine.loading import LoadedModel
+from mara_serve.training.stats import wilson
 
 # Openings the refusal detector (refusal.py) counts as a refusal when the answer goes on as
 # the model usually continues them ("I'm sorry, but I can't help with that.").
@@ -101,8 +102,6 @@ def summarise(per_prompt: list[list[PromptReach]], categories: list[str],
               settings: tuple[tuple[int, float], ...] = SETTINGS) -> dict:  # fmt: skip
     """Shares of prompts (with 95 % Wilson intervals) per setting, and per category at the
     default setting."""
-    from mara_serve.training.stats import wilson
-
     n = len(per_prompt)
     report: dict = {"n": n, "openings": list(REFUSAL_OPENINGS), "settings": []}
     for s, (k, p) in enumerate(settings):

@@ -37,7 +37,7 @@ StreamChoice = ChatCompletionResponseStreamChoice
 
 class ChatServing(EndpointServing):
     async def create(self, body: ChatCompletionRequest, raw: Request) -> Response:
-        gen = await self._start(body)
+        gen = await self.start(body)
         plp = None
         if body.prompt_logprobs is not None:  # every choice shares the prompt
             rows = (await self.prompt_rows(gen, body.prompt_logprobs))[0]
@@ -48,7 +48,7 @@ class ChatServing(EndpointServing):
             lambda created: self._stream(gen, body, created),
         )  # fmt: skip
 
-    async def _start(self, body: ChatCompletionRequest) -> Generation:
+    async def start(self, body: ChatCompletionRequest) -> Generation:
         """Check, template and admit every choice; raises (→ 4xx/429/503) before any response."""
         ctx = self.ctx
         body.check_supported()

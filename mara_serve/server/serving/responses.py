@@ -38,7 +38,7 @@ class ResponsesServing:
         except ValidationError as e:
             err = e.errors()[0]
             raise APIError(err["msg"], param=".".join(str(x) for x in err["loc"])) from None
-        gen = await self.chat._start(chat_body)
+        gen = await self.chat.start(chat_body)
         rid = "resp_" + gen.request_id.rsplit("-", 1)[-1]
         return await self.chat.respond(
             raw, gen, body.stream,
