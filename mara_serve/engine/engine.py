@@ -56,6 +56,11 @@ class EngineConfig:
     rest_at_once: bool | None = None
     # Rows whose agent keeps accepting the top-1 try it alone first (None: on for CPU only).
     probe_top1: bool | None = None
+    # One forward per step: a row whose candidates were all rejected goes on in the next step
+    # (step.py) instead of holding every other row for another round. Training turns it off:
+    # its episode agents share one random generator, so the order of their calls (which this
+    # changes) is part of a recipe's bit-for-bit reproducibility.
+    defer_undecided: bool = True
     max_prefill_tokens: int = 4096  # prompt tokens prefilled per step (keeps inter-token latency)
     # K/V of prompt prefixes kept for reuse, in tokens (0: off); see prefix_cache.py.
     prefix_cache_tokens: int = 0
@@ -328,8 +333,8 @@ class LLMEngine:
         rng = {id(s): s.generator.get_state() for s in self.running if s.generator is not None}
         try:
             traces = decode_step(self.runner, self.running, self.chunk_size, self.probe_top1,
-                                     self.rest_at_once)  # fmt: skip
-            results: list[tuple[Sequence, list[TokenTrace] | Exception]] = [
+                                 self.rest_at_once, self.config.defer_undecided)  # fmt: skip
+            results: list[tuple[Sequence, list[TokenTrace | None] | Exception]] = [
                 (s, [t]) for s, t in zip(self.running, traces, strict=True)
             ]
         except Exception:
@@ -349,6 +354,7 @@ class LLMEngine:
                                 self.chunk_size,
                                 self.probe_top1,
                                 self.rest_at_once,
+                                self.config.defer_undecided,
                             ),
                         )
                     )
@@ -363,6 +369,8 @@ class LLMEngine:
             if isinstance(res, Exception):
                 seq.finish_reason = "error"
                 outs.append(self._final_output(seq, [], [], error=str(res) or type(res).__name__))
+                continue
+            if res[0] is None:  # undecided: its next candidates go into the next step
                 continue
             try:
                 seq.append(res[0].token_id, res[0])
@@ -384,7 +392,8 @@ class LLMEngine:
         a request's own fault (its agent, its input) from the engine's (the device, the
         weights) when every request of a step failed."""
         try:
-            length = self.running[0].length if self.running else 0
+            # past slot 0's kept positions (an undecided row keeps its rank-0 K/V at `length`)
+            length = self.running[0].kv_length if self.running else 0
             device = self.runner.device
             hidden = self.runner.forward_tokens(
                 1,
@@ -446,7 +455,7 @@ class LLMEngine:
         i = self.running.index(seq)
         last = self.running.pop()
         if last is not seq:
-            self.runner.cache.move(last.slot, i, last.length)
+            self.runner.cache.move(last.slot, i, last.kv_length)
             last.slot = i
             self.running[i] = last
 

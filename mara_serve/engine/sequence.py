@@ -11,8 +11,9 @@ from mara_serve.engine.sampling import make_generator
 class Sequence:
     """A request admitted into the running batch.
 
-    Invariants: the KV cache slot `slot` holds exactly `length` positions (prompt + committed
-    tokens); `next_logits` (V,) are the logits of position `length`.
+    Invariants: the KV cache slot `slot` holds `length` positions (prompt + committed tokens),
+    and one more while the row is `undecided` (its rank-0 candidate's K/V at `length`, step.py);
+    `next_logits` (V,) are the logits of position `length`.
     """
 
     def __init__(self, request: Request, slot: int, eos_token_ids: tuple[int, ...], device):
@@ -35,6 +36,13 @@ class Sequence:
         # EMAs of "the agent accepted the top-1" and "rejected everything" (cost hints, step.py)
         self.rank0_rate = 0.5
         self.fallback_rate = 0.0
+        # The candidate rounds of a token not decided yet (step.py's `_Row`); None between tokens.
+        self.undecided = None
+
+    @property
+    def kv_length(self) -> int:
+        """Cache positions of this row that must be kept (moved with it): see the invariants."""
+        return self.length + (self.undecided is not None)
 
     @property
     def request_id(self) -> str:

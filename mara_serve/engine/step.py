@@ -11,11 +11,20 @@
 Chunked mode (`chunk_size=m`) evaluates the first m candidates, then the next m only for rows
 whose candidates were all rejected, and so on — for hardware where extra tokens are not free.
 Either way the emitted tokens are those of the serial reference (`reference.py`).
+
+Undecided rows (`defer=True`, the serving default): a step runs ONE forward. A row whose
+candidates this round were all rejected emits nothing this step; its state (`_Row`, kept as
+`Sequence.undecided`) carries its next candidates into the next step's forward, next to the
+other rows' new tokens. Without it a step runs rounds until every row has decided, so one
+rejecting row made the whole batch wait for extra forwards (on a GPU each costs about a whole
+step; on a CPU its weight pass). The tokens are the same either way: a candidate's state does
+not depend on when it is scored. While a row is undecided its rank-0 K/V stays at cache position
+`length` (its fallback); the rest of its scratch positions are rewritten when judged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -38,10 +47,27 @@ class _Row:
     offset: int = 0  # next candidate rank to evaluate
     chosen: int | None = None  # chosen rank once decided
     fallback: bool = False
+    rank0_hidden: torch.Tensor | None = None  # rank 0's state (all rejected → its fallback)
 
     @property
     def needs_agent(self) -> bool:
         return len(self.cands) > 1
+
+    def resumed(self) -> _Row:
+        """A copy to advance in this step: the stored row stays as it was until the step has
+        succeeded (a failed batch is retried row by row from the same state, engine.py)."""
+        return replace(self, judged=list(self.judged), judged_probs=list(self.judged_probs))
+
+
+def _step_rows(seqs: list[Sequence]) -> list[_Row]:
+    """Each sequence's row for this step: an undecided row resumes, the others start from
+    their next-position logits."""
+    rows = [s.undecided.resumed() if s.undecided is not None else None for s in seqs]
+    fresh = [i for i, row in enumerate(rows) if row is None]
+    if fresh:
+        for i, row in zip(fresh, _candidate_rows([seqs[i] for i in fresh]), strict=True):
+            rows[i] = row
+    return rows  # type: ignore[return-value]
 
 
 def _candidate_rows(seqs: list[Sequence]) -> list[_Row]:
@@ -103,16 +129,17 @@ def decode_step(
     chunk_size: int | None = None,
     probe_top1: bool = True,
     rest_at_once: bool = False,
-) -> list[TokenTrace]:
-    """Advance every sequence by one token; returns the trace of each emitted token.
+    defer: bool = False,
+) -> list[TokenTrace | None]:
+    """Advance the sequences by one token; returns the trace of each one's emitted token, or
+    None for a row left undecided (`defer`: one forward per step, module doc).
 
     chunk_size: candidates per round (None: all remaining at once). probe_top1: rows whose
     agent recently accepted rank 0 at least PROBE_THRESHOLD of the time try it alone first.
     rest_at_once: a row's second round judges all its remaining candidates (`_round_size`).
     """
-    rows = _candidate_rows(seqs)
+    rows = _step_rows(seqs)
     chosen_hidden: list[torch.Tensor | None] = [None] * len(seqs)
-    rank0_hidden: dict[int, torch.Tensor] = {}  # first-round states of rank 0 (fallback)
     pending = list(range(len(seqs)))
     while pending:
         # Pack this round's tokens row-major: row r gets ranks [offset, offset + m).
@@ -139,7 +166,7 @@ def decode_step(
         for i in pending:
             row, (start, n) = rows[i], spans[i]
             if row.offset == 0:
-                rank0_hidden[i] = hidden[start]
+                row.rank0_hidden = hidden[start]
             if not row.needs_agent:
                 row.chosen = 0
             else:
@@ -161,32 +188,39 @@ def decode_step(
                     last = getattr(seqs[i].agent, "fallback_last", False)
                     row.chosen, row.fallback = (len(row.cands) - 1 if last else 0), True
             chosen_hidden[i] = (
-                rank0_hidden[i]
+                row.rank0_hidden
                 if row.fallback and row.chosen == 0
                 else hidden[start + row.chosen - row.offset]
             )
-        pending = still
+        pending = [] if defer else still
+    decided = [i for i, row in enumerate(rows) if row.chosen is not None]
     # Keep only the chosen candidates' K/V; the LM head runs on the chosen states only.
-    runner.commit([s.slot for s in seqs], [s.length for s in seqs], [r.chosen for r in rows])
-    logits = runner.logits(torch.stack(chosen_hidden))  # (B, V)
-    traces = []
-    for i, (s, row) in enumerate(zip(seqs, rows, strict=True)):
+    runner.commit([seqs[i].slot for i in decided], [seqs[i].length for i in decided],
+                  [rows[i].chosen for i in decided])  # fmt: skip
+    logits = runner.logits(torch.stack([chosen_hidden[i] for i in decided])) if decided else None
+    traces: list[TokenTrace | None] = [None] * len(seqs)
+    for i, row in enumerate(rows):  # only now the step has succeeded: store the rows' state
+        if row.chosen is None and row.rank0_hidden is not None:
+            row.rank0_hidden = row.rank0_hidden.clone()  # not a view holding the whole round
+        seqs[i].undecided = None if row.chosen is not None else row
+    for j, i in enumerate(decided):
+        s, row = seqs[i], rows[i]
         token = row.cands[row.chosen]
         logprob, top = None, ()
         if s.params.logprobs is not None:  # from the logits this token was chosen from
             logprob, top = token_logprobs(s.next_logits, token, s.params.logprobs)
-        s.next_logits = logits[i]
+        s.next_logits = logits[j]
         if row.needs_agent:
             s.rank0_rate = 0.8 * s.rank0_rate + 0.2 * (row.chosen == 0 and not row.fallback)
             s.fallback_rate = 0.8 * s.fallback_rate + 0.2 * row.fallback
-        traces.append(TokenTrace(
+        traces[i] = TokenTrace(
             token_id=token, num_candidates=len(row.cands),
             accepted_rank=row.chosen,
             accept_prob=None if not row.judged or row.fallback else row.judged_probs[-1],
             fallback=row.fallback, candidates=tuple(row.judged),
             accept_probs=tuple(row.judged_probs), llm_probs=tuple(row.probs[: len(row.judged)]),
             logprob=logprob, top_logprobs=top,
-        ))  # fmt: skip
+        )  # fmt: skip
     return traces
 
 

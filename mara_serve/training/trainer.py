@@ -110,6 +110,7 @@ class Trainer:
                 max_running=cfg.episodes_per_iter,
                 max_waiting=max(256, cfg.episodes_per_iter),
                 chunk_size=cfg.chunk_size,
+                defer_undecided=False,  # the episodes' agent calls in the recipe's order
             ),
         )
         lengths = cfg.episode_lengths or (cfg.max_new_tokens,)

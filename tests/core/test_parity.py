@@ -51,11 +51,13 @@ def test_batch_of_one_equals_reference(tiny_lm, agents, mode, chunk_size):
         assert [t.candidates for t in got[1]] == [t.candidates for t in want_traces]
 
 
-def test_rest_at_once_judges_in_two_rounds_at_most(tiny_lm, agents):
+@pytest.mark.parametrize("defer", [False, True])
+def test_rest_at_once_judges_in_two_rounds_at_most(tiny_lm, agents, defer):
     """The GPU policy: a row whose first chunk is all rejected gets all the rest next round;
-    same tokens as the reference, and never more than two forwards a step."""
+    same tokens as the reference. Rounds within a step: never more than two forwards a step;
+    deferred rounds (`defer_undecided`): one forward a step, two steps a token at most."""
     engine = LLMEngine(tiny_lm, EngineConfig(max_running=4, chunk_size=2, probe_top1=False,
-                                             rest_at_once=True))  # fmt: skip
+                                             rest_at_once=True, defer_undecided=defer))  # fmt: skip
     forwards, score = [], engine.runner.score
     engine.runner.score = lambda *a: forwards.append(engine.num_steps) or score(*a)
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
@@ -65,7 +67,10 @@ def test_rest_at_once_judges_in_two_rounds_at_most(tiny_lm, agents):
     for r in reqs:
         assert got[r.request_id][0] == reference(tiny_lm, r.prompt_token_ids, r.agent, params)[0]
     per_step = [forwards.count(s) for s in set(forwards)]
-    assert max(per_step) == 2  # rejecting rows took a second round, and only one
+    assert max(per_step) == (1 if defer else 2)  # rejecting rows took a second round
+    if defer:  # the reject-all rows' 12 tokens: two steps each (2 candidates, then the rest)
+        # until they have fallen back often enough to judge everything at once (step.py)
+        assert 12 + 1 < engine.num_steps <= 24 + 1, engine.num_steps
 
 
 @pytest.mark.parametrize(
