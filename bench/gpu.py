@@ -131,8 +131,10 @@ def decode_ms(
     chunk: int | None,
     captured: bool | None = None,
 ) -> tuple[float, float]:
-    """Median ms per decode step over `steps` steps (after prefill and 4 warm-up steps) with
-    `rows` running requests of a `context`-token prompt; and the mean candidates per token.
+    """Ms per decode step over `steps` steps (after prefill and 4 warm-up steps) with `rows`
+    running requests of a `context`-token prompt — the median step time scaled by the rows'
+    tokens a step owes over those it emitted (a MARA row left undecided emits nothing in a step,
+    engine.py), so it is the time per token of every row; and the mean candidates per token.
     `captured`: EngineConfig.captured_steps (None: the engine's default for the device)."""
     engine = LLMEngine(lm, EngineConfig(max_running=rows, chunk_size=chunk, probe_top1=False,
                                         captured_steps=captured,
@@ -146,7 +148,7 @@ def decode_ms(
     engine.step()  # prefill (+ the first token)
     for _ in range(4):  # warm-up (on a GPU: the first CUDA graphs are captured)
         engine.step()
-    times, cands = [], []
+    times, cands, emitted = [], [], 0
     for _ in range(steps):
         sync(lm.device)
         t0 = time.perf_counter()
@@ -154,11 +156,15 @@ def decode_ms(
         sync(lm.device)
         times.append((time.perf_counter() - t0) * 1e3)
         cands += [len(t.candidates) for o in outs for t in o.traces if t.candidates]
+        emitted += sum(len(o.new_token_ids) for o in outs)
     while engine.has_work():
         engine.step()
     del engine, outs
     release(lm.device)  # the next engine sizes its KV cache from the memory free now
-    return statistics.median(times), (statistics.mean(cands) if cands else 1.0)
+    owed = rows * steps
+    return statistics.median(times) * owed / max(emitted, 1), (
+        statistics.mean(cands) if cands else 1.0
+    )
 
 
 def sig(x: float) -> float:
