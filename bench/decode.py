@@ -168,6 +168,9 @@ def main() -> None:
     rows["mara mixed b16 all-at-once"] = run(lm, prompts, mixed, n16, chunk_size=ALL,
                                                     probe_top1=False)  # fmt: skip
     rows["mara light b16"] = run(lm, prompts, light, n16)
+    # the engine before undecided rows went on to the next step: rounds until all rows decide
+    rows["mara mixed b16 rounds-in-step"] = run(lm, prompts, mixed, n16, defer_undecided=False)
+    rows["mara light b16 rounds-in-step"] = run(lm, prompts, light, n16, defer_undecided=False)
     for m in chunks:
         rows[f"mara mixed b16 chunk={m} no-probe"] = run(
             lm, prompts, mixed, n16, chunk_size=m, probe_top1=False
@@ -195,6 +198,10 @@ def main() -> None:
         "batch16_vs_batch1": r["mara mixed b16"] / r["mara mixed b1"],
         "batch16_vs_batch1_light": r["mara light b16"] / r["mara light b1"],
         "batch16_vs_batch1_plain": r["plain b16"] / r["plain b1"],
+        "mara_vs_plain_b16": r["mara mixed b16"] / r["plain b16"],
+        "mara_vs_plain_b16_light": r["mara light b16"] / r["plain b16"],
+        "undecided_rows_gain_b16": r["mara mixed b16"] / r["mara mixed b16 rounds-in-step"],
+        "undecided_rows_gain_b16_light": r["mara light b16"] / r["mara light b16 rounds-in-step"],
         "tokens_per_s": r,
         "model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
