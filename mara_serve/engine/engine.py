@@ -332,8 +332,7 @@ class LLMEngine:
         # a neighbour faulted).
         rng = {id(s): s.generator.get_state() for s in self.running if s.generator is not None}
         try:
-            traces = decode_step(self.runner, self.running, self.chunk_size, self.probe_top1,
-                                 self.rest_at_once, self.config.defer_undecided)  # fmt: skip
+            traces = self._decode_step(self.running)
             results: list[tuple[Sequence, list[TokenTrace | None] | Exception]] = [
                 (s, [t]) for s, t in zip(self.running, traces, strict=True)
             ]
@@ -345,19 +344,7 @@ class LLMEngine:
                 if seq.generator is not None:
                     seq.generator.set_state(rng[id(seq)])
                 try:
-                    results.append(
-                        (
-                            seq,
-                            decode_step(
-                                self.runner,
-                                [seq],
-                                self.chunk_size,
-                                self.probe_top1,
-                                self.rest_at_once,
-                                self.config.defer_undecided,
-                            ),
-                        )
-                    )
+                    results.append((seq, self._decode_step([seq])))
                 except Exception as e:
                     log.exception("decode failed for %s", seq.request_id)
                     results.append((seq, e))
@@ -383,6 +370,11 @@ class LLMEngine:
         for seq in [s for s in self.running if s.finish_reason is not None]:
             self._release(seq)
         return outs
+
+    def _decode_step(self, seqs: list[Sequence]) -> list[TokenTrace | None]:
+        """`decode_step` with this engine's candidate policy (the batch, or one row retried)."""
+        return decode_step(self.runner, seqs, self.chunk_size, self.probe_top1,
+                           self.rest_at_once, self.config.defer_undecided)  # fmt: skip
 
     # ---- faults -------------------------------------------------------------------------
 
