@@ -19,7 +19,10 @@ after the model was loaded on another (still alive) ran at 67 ms per token inste
 
 After each step the engine thread hands that step's outputs to each event loop in ONE
 `call_soon_threadsafe` call; on the loop they go straight into their stream's pending list. So a
-token crosses one queue between the engine and the code that encodes it for the client.
+token crosses one queue between the engine and the code that encodes it for the client. Tokens
+known before a step's forward (plain rows sample theirs from the previous forward's logits) are
+handed off before the forward, in one more call: the first token of a plain request leaves right
+after its prefill.
 
 Faults: the engine isolates a request's own fault (its agent, its input) and fails only that
 request. A step that raises anyway is checked with `LLMEngine.self_check`: if the model still
@@ -138,6 +141,9 @@ class RequestStream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
+        # Tokens decided before a step's forward (a plain row's sampled token) reach their
+        # streams before the forward runs, not after it (engine.py `_plan`).
+        engine.on_decided = self._deliver
         self._streams: dict[str, RequestStream] = {}  # request id → its stream
         self._streams_lock = threading.Lock()
         self._wake = threading.Event()

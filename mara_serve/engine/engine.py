@@ -1,8 +1,9 @@
 """The engine: a bounded waiting queue, a running batch, and the step loop (continuous batching).
 
 `LLMEngine` is synchronous and owned by one thread: `step()` admits waiting requests into free
-cache slots (prefill), runs one `decode_step` for every running row, and returns the new tokens
-as `RequestOutput` deltas. Requests join and leave the batch between steps. `add_request` and
+cache slots (prefill), plans every running row's step (tokens known before the forward — plain
+rows' — go out at once through `on_decided`), runs one `decode_step` for the rows, and returns
+the new tokens as `RequestOutput` deltas. Requests join and leave the batch between steps. `add_request` and
 `abort` may be called from any thread (they only touch the lock-protected intake).
 
 Invariants: running[i].slot == i for all i (dense slots); a request is in exactly one of
@@ -33,7 +34,7 @@ from mara_serve.engine.prefix_cache import PrefixCache
 from mara_serve.engine.request import Request, RequestOutput, TokenTrace
 from mara_serve.engine.runner import MAX_CANDIDATES, ModelRunner
 from mara_serve.engine.sequence import Sequence
-from mara_serve.engine.step import decode_step
+from mara_serve.engine.step import StepRow, decide_early, decode_step, plan_rows
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class LLMEngine:
         self._accepting = True
         self.running: list[Sequence] = []
         self.num_steps = 0
+        # Receives a step's outputs known before its forward (`step`); None: step returns them.
+        self.on_decided: Callable[[list[RequestOutput]], None] | None = None
 
     # ---- intake (any thread) ------------------------------------------------------------
 
@@ -201,10 +204,18 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        """One engine step; returns its outputs. With `on_decided` set, the outputs known
+        before the step's forward (aborts, failed admissions, and the tokens decided before the
+        forward, `_plan`) go to it first, and only the rest is returned."""
         outputs = self._apply_aborts()
         outputs += self._admit()
         if self.running:
-            outputs += self._decode()
+            plan, decided = self._plan()
+            outputs += decided
+            if self.on_decided is not None and outputs:
+                self.on_decided(outputs)
+                outputs = []
+            outputs += self._decode(plan)
         self.num_steps += 1
         return outputs
 
@@ -326,54 +337,94 @@ class LLMEngine:
             self.prefix_cache.store(self.runner.cache, seq.slot, ids)
             seq.next_logits = row
 
-    def _decode(self) -> list[RequestOutput]:
-        # Seeded rows' generator states before the step: a row retried alone after a batch
-        # failure draws exactly what it drew in the batch (its output never depends on whether
-        # a neighbour faulted).
-        rng = {id(s): s.generator.get_state() for s in self.running if s.generator is not None}
+    def _plan(self) -> tuple[list[tuple[Sequence, StepRow]], list[RequestOutput]]:
+        """Plan every running row's step (`step.plan_rows`) and hand out the tokens known
+        before the forward: a plain row's sampled token (or a MARA row left one candidate) is
+        settled by its logits, and the forward only computes what comes after it — sending it
+        now takes a whole forward off time to first token and every token's latency. A row
+        that ends on such a token needs no forward at all. A row whose planning fails (its
+        logits processing) ends with an error; the others go on."""
         try:
-            traces = self._decode_step(self.running)
-            results: list[tuple[Sequence, list[TokenTrace | None] | Exception]] = [
-                (s, [t]) for s, t in zip(self.running, traces, strict=True)
-            ]
+            rows = plan_rows(self.running)
         except Exception:
-            # Isolate the failure: step each row alone; only rows that fail alone are failed.
-            log.exception("batched decode step failed; retrying rows one by one")
-            results = []
-            for seq in list(self.running):
-                if seq.generator is not None:
-                    seq.generator.set_state(rng[id(seq)])
+            log.exception("planning the step failed; planning the rows one by one")
+            rows = []
+            for seq in self.running:
                 try:
-                    results.append((seq, self._decode_step([seq])))
+                    rows += plan_rows([seq])
+                except Exception as e:
+                    log.exception("planning failed for %s", seq.request_id)
+                    rows.append(e)
+        plan, outs = [], []
+        for seq, row in zip(self.running, rows, strict=True):
+            if isinstance(row, Exception):
+                seq.finish_reason = "error"
+                outs.append(self._final_output(seq, [], [], error=str(row) or type(row).__name__))
+                continue
+            if row.decided_early:
+                trace = decide_early(seq, row)
+                if seq.finish_reason_after(trace.token_id) is not None:
+                    outs.append(self._appended(seq, trace))  # finished: no forward
+                    continue
+                outs.append(self._output(seq, [trace.token_id], [trace], num_new=1))
+            plan.append((seq, row))
+        return plan, outs
+
+    def _decode(self, plan: list[tuple[Sequence, StepRow]]) -> list[RequestOutput]:
+        seqs, rows = [s for s, _ in plan], [r for _, r in plan]
+        results: list[tuple[Sequence, StepRow, TokenTrace | None | Exception]] = []
+        try:
+            results = list(zip(seqs, rows, self._decode_step(seqs, rows), strict=True))
+        except Exception:
+            # Isolate the failure: step each row alone (from the same plan: the same tokens);
+            # only rows that fail alone are failed.
+            log.exception("batched decode step failed; retrying rows one by one")
+            for seq, row in plan:
+                try:
+                    results.append((seq, row, self._decode_step([seq], [row])[0]))
                 except Exception as e:
                     log.exception("decode failed for %s", seq.request_id)
-                    results.append((seq, e))
-            errors = [res for _, res in results if isinstance(res, Exception)]
-            if len(errors) == len(results):
+                    results.append((seq, row, e))
+            errors = [res for *_, res in results if isinstance(res, Exception)]
+            if results and len(errors) == len(results):
                 self._check_alive(errors[0])
         outs = []
-        for seq, res in results:
+        for seq, row, res in results:
+            if row.trace is not None:  # already sent (`_plan`): record it, report only faults
+                try:
+                    seq.append(row.trace.token_id, row.trace)
+                except Exception as e:
+                    res = e
+                if isinstance(res, Exception):
+                    outs.append(self._failed(seq, res))
+                continue
             if isinstance(res, Exception):
-                seq.finish_reason = "error"
-                outs.append(self._final_output(seq, [], [], error=str(res) or type(res).__name__))
-                continue
-            if res[0] is None:  # undecided: its next candidates go into the next step
-                continue
-            try:
-                seq.append(res[0].token_id, res[0])
-            except Exception as e:  # its output constraint refused the token: this row only
-                log.exception("request %s: token not accepted", seq.request_id)
-                seq.finish_reason = "error"
-                outs.append(self._final_output(seq, [], [], error=str(e) or type(e).__name__))
-                continue
-            outs.append(self._output(seq, [res[0].token_id], res))
+                outs.append(self._failed(seq, res))
+            elif res is not None:  # None: undecided, its next candidates go into the next step
+                outs.append(self._appended(seq, res))
         for seq in [s for s in self.running if s.finish_reason is not None]:
             self._release(seq)
         return outs
 
-    def _decode_step(self, seqs: list[Sequence]) -> list[TokenTrace | None]:
+    def _appended(self, seq: Sequence, trace: TokenTrace) -> RequestOutput:
+        """Record a token and return its output (an error output if the request's constraint
+        refused it: that request only)."""
+        try:
+            seq.append(trace.token_id, trace)
+        except Exception as e:
+            log.exception("request %s: token not accepted", seq.request_id)
+            return self._failed(seq, e)
+        return self._output(seq, [trace.token_id], [trace])
+
+    def _failed(self, seq: Sequence, error: Exception) -> RequestOutput:
+        seq.finish_reason = "error"
+        return self._final_output(seq, [], [], error=str(error) or type(error).__name__)
+
+    def _decode_step(self, seqs: list[Sequence], rows: list[StepRow]) -> list[TokenTrace | None]:
         """`decode_step` with this engine's candidate policy (the batch, or one row retried)."""
-        return decode_step(self.runner, seqs, self.chunk_size, self.probe_top1,
+        if not seqs:
+            return []
+        return decode_step(self.runner, seqs, rows, self.chunk_size, self.probe_top1,
                            self.rest_at_once, self.config.defer_undecided)  # fmt: skip
 
     # ---- faults -------------------------------------------------------------------------
@@ -427,10 +478,14 @@ class LLMEngine:
             self._aborts.clear()
         self.running.clear()
 
-    def _output(self, seq: Sequence, ids: list[int], traces: list[TokenTrace]) -> RequestOutput:
+    def _output(
+        self, seq: Sequence, ids: list[int], traces: list[TokenTrace], num_new: int = 0
+    ) -> RequestOutput:
+        """The output of `ids`; `num_new`: of them, how many `seq` has not recorded yet."""
         out = RequestOutput(
             seq.request_id, ids, traces, seq.finish_reason is not None, seq.finish_reason,
-            num_prompt_tokens=seq.num_prompt_tokens, num_generated_tokens=len(seq.output_ids),
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_generated_tokens=len(seq.output_ids) + num_new,
         )  # fmt: skip
         if not seq.reported_queue_time:
             out.queue_time = seq.first_scheduled_time - seq.request.arrival_time

@@ -36,7 +36,8 @@ class Sequence:
         # EMAs of "the agent accepted the top-1" and "rejected everything" (cost hints, step.py)
         self.rank0_rate = 0.5
         self.fallback_rate = 0.0
-        # The candidate rounds of a token not decided yet (step.py's `_Row`); None between tokens.
+        # The candidate rounds of a token not decided yet (step.py's `StepRow`); None between
+        # tokens.
         self.undecided = None
 
     @property
@@ -52,13 +53,20 @@ class Sequence:
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_token_ids)
 
+    def finish_reason_after(self, token_id: int) -> str | None:
+        """Why the sequence ends once `token_id` is appended (None: it goes on)."""
+        if token_id in self.stop_ids:
+            return "stop"
+        if len(self.output_ids) + 1 >= self.params.max_new_tokens:
+            return "length"
+        return None
+
     def append(self, token_id: int, trace: TokenTrace) -> None:
         """Record an emitted token and decide whether the sequence is finished."""
+        reason = self.finish_reason_after(token_id)
         self.output_ids.append(token_id)
         self.length += 1
         if self.constraint is not None:
             self.constraint.accept(token_id)
-        if token_id in self.stop_ids:
-            self.finish_reason = "stop"
-        elif len(self.output_ids) >= self.params.max_new_tokens:
-            self.finish_reason = "length"
+        if reason is not None:
+            self.finish_reason = reason

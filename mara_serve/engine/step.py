@@ -13,7 +13,7 @@ whose candidates were all rejected, and so on — for hardware where extra token
 Either way the emitted tokens are those of the serial reference (`reference.py`).
 
 Undecided rows (`defer=True`, the serving default): a step runs ONE forward. A row whose
-candidates this round were all rejected emits nothing this step; its state (`_Row`, kept as
+candidates this round were all rejected emits nothing this step; its state (`StepRow`, kept as
 `Sequence.undecided`) carries its next candidates into the next step's forward, next to the
 other rows' new tokens. Without it a step runs rounds until every row has decided, so one
 rejecting row made the whole batch wait for extra forwards (on a GPU each costs about a whole
@@ -37,7 +37,7 @@ from mara_serve.engine.sequence import Sequence
 
 
 @dataclass
-class _Row:
+class StepRow:
     """One row's progress through the candidate rounds of a step."""
 
     cands: list[int]
@@ -48,20 +48,30 @@ class _Row:
     chosen: int | None = None  # chosen rank once decided
     fallback: bool = False
     rank0_hidden: torch.Tensor | None = None  # rank 0's state (all rejected → its fallback)
+    # The emitted token's trace, once the engine has sent a token decided before the forward
+    # (`decided_early`); the step then reuses it instead of computing its logprobs again.
+    trace: TokenTrace | None = None
 
     @property
     def needs_agent(self) -> bool:
         return len(self.cands) > 1
 
-    def resumed(self) -> _Row:
+    @property
+    def decided_early(self) -> bool:
+        """One candidate (a plain row's sampled token, or a MARA row whose top-k/top-p left one):
+        the token is known before the forward, which only computes its K/V and next logits."""
+        return not self.needs_agent
+
+    def resumed(self) -> StepRow:
         """A copy to advance in this step: the stored row stays as it was until the step has
         succeeded (a failed batch is retried row by row from the same state, engine.py)."""
         return replace(self, judged=list(self.judged), judged_probs=list(self.judged_probs))
 
 
-def _step_rows(seqs: list[Sequence]) -> list[_Row]:
+def plan_rows(seqs: list[Sequence]) -> list[StepRow]:
     """Each sequence's row for this step: an undecided row resumes, the others start from
-    their next-position logits."""
+    their next-position logits (a plain row samples its token here, once: a step retried row
+    by row after a batch failure reuses the plan, so it emits what the batch would have)."""
     rows = [s.undecided.resumed() if s.undecided is not None else None for s in seqs]
     fresh = [i for i, row in enumerate(rows) if row is None]
     if fresh:
@@ -70,7 +80,7 @@ def _step_rows(seqs: list[Sequence]) -> list[_Row]:
     return rows  # type: ignore[return-value]
 
 
-def _candidate_rows(seqs: list[Sequence]) -> list[_Row]:
+def _candidate_rows(seqs: list[Sequence]) -> list[StepRow]:
     logits = torch.stack([s.next_logits for s in seqs])  # (B, V), a copy
     for i, s in enumerate(seqs):
         # before candidates (logits_processing.py has the order): the agent sees the same
@@ -78,7 +88,7 @@ def _candidate_rows(seqs: list[Sequence]) -> list[_Row]:
         if s.params.controls_logits or s.constraint is not None:
             logits[i] = processed_logits(logits[i], s.params, s.request.prompt_token_ids,
                                          s.output_ids, s.stop_ids, s.constraint)  # fmt: skip
-    rows: list[_Row | None] = [None] * len(seqs)
+    rows: list[StepRow | None] = [None] * len(seqs)
     mara = [i for i, s in enumerate(seqs) if s.agent is not None]
     if mara:
         cands = select_candidates_batch(
@@ -86,15 +96,15 @@ def _candidate_rows(seqs: list[Sequence]) -> list[_Row]:
             [seqs[i].params.mara_top_p() for i in mara], [seqs[i].params.min_p for i in mara],
         )  # fmt: skip
         for i, c in zip(mara, cands, strict=True):
-            rows[i] = _Row(c.token_ids.tolist(), c.probs.tolist())
+            rows[i] = StepRow(c.token_ids.tolist(), c.probs.tolist())
     # greedy plain rows: one argmax and one device→host copy for all of them
     greedy = [i for i, s in enumerate(seqs) if s.agent is None and s.params.greedy]
     if greedy:
         for i, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
-            rows[i] = _Row([t], [1.0])
+            rows[i] = StepRow([t], [1.0])
     for i, s in enumerate(seqs):
         if rows[i] is None:
-            rows[i] = _Row([sample_token(logits[i], s.params, s.generator)], [1.0])
+            rows[i] = StepRow([sample_token(logits[i], s.params, s.generator)], [1.0])
     return rows  # type: ignore[return-value]
 
 
@@ -102,7 +112,7 @@ PROBE_THRESHOLD = 0.75  # probe rank 0 alone when a row's agent accepted it this
 
 
 def _round_size(
-    row: _Row, seq: Sequence, chunk_size: int | None, probe: bool, rest_at_once: bool
+    row: StepRow, seq: Sequence, chunk_size: int | None, probe: bool, rest_at_once: bool
 ) -> int:
     """How many of a row's remaining candidates this round evaluates.
 
@@ -123,9 +133,36 @@ def _round_size(
     return chunk_size
 
 
+def token_trace(seq: Sequence, row: StepRow) -> TokenTrace:
+    """The trace of a decided row's token (logprobs from the logits it was chosen from, so
+    call it before the step replaces `seq.next_logits`)."""
+    if row.trace is not None:
+        return row.trace
+    token = row.cands[row.chosen]
+    logprob, top = None, ()
+    if seq.params.logprobs is not None:
+        logprob, top = token_logprobs(seq.next_logits, token, seq.params.logprobs)
+    return TokenTrace(
+        token_id=token, num_candidates=len(row.cands), accepted_rank=row.chosen,
+        accept_prob=None if not row.judged or row.fallback else row.judged_probs[-1],
+        fallback=row.fallback, candidates=tuple(row.judged),
+        accept_probs=tuple(row.judged_probs), llm_probs=tuple(row.probs[: len(row.judged)]),
+        logprob=logprob, top_logprobs=top,
+    )  # fmt: skip
+
+
+def decide_early(seq: Sequence, row: StepRow) -> TokenTrace:
+    """Settle a `decided_early` row's token now, before the step's forward; returns its trace
+    (kept on the row, which the step then only runs forward)."""
+    row.chosen = 0
+    row.trace = token_trace(seq, row)
+    return row.trace
+
+
 def decode_step(
     runner: ModelRunner,
     seqs: list[Sequence],
+    planned: list[StepRow],
     chunk_size: int | None = None,
     probe_top1: bool = True,
     rest_at_once: bool = False,
@@ -134,11 +171,13 @@ def decode_step(
     """Advance the sequences by one token; returns the trace of each one's emitted token, or
     None for a row left undecided (`defer`: one forward per step, module doc).
 
+    planned: `plan_rows(seqs)`, left unchanged (the step advances copies), so a failed batch
+    can be retried row by row from the same plan.
     chunk_size: candidates per round (None: all remaining at once). probe_top1: rows whose
     agent recently accepted rank 0 at least PROBE_THRESHOLD of the time try it alone first.
     rest_at_once: a row's second round judges all its remaining candidates (`_round_size`).
     """
-    rows = _step_rows(seqs)
+    rows = [row.resumed() for row in planned]
     chosen_hidden: list[torch.Tensor | None] = [None] * len(seqs)
     pending = list(range(len(seqs)))
     while pending:
@@ -205,22 +244,11 @@ def decode_step(
         seqs[i].undecided = None if row.chosen is not None else row
     for j, i in enumerate(decided):
         s, row = seqs[i], rows[i]
-        token = row.cands[row.chosen]
-        logprob, top = None, ()
-        if s.params.logprobs is not None:  # from the logits this token was chosen from
-            logprob, top = token_logprobs(s.next_logits, token, s.params.logprobs)
+        traces[i] = token_trace(s, row)
         s.next_logits = logits[j]
         if row.needs_agent:
             s.rank0_rate = 0.8 * s.rank0_rate + 0.2 * (row.chosen == 0 and not row.fallback)
             s.fallback_rate = 0.8 * s.fallback_rate + 0.2 * row.fallback
-        traces[i] = TokenTrace(
-            token_id=token, num_candidates=len(row.cands),
-            accepted_rank=row.chosen,
-            accept_prob=None if not row.judged or row.fallback else row.judged_probs[-1],
-            fallback=row.fallback, candidates=tuple(row.judged),
-            accept_probs=tuple(row.judged_probs), llm_probs=tuple(row.probs[: len(row.judged)]),
-            logprob=logprob, top_logprobs=top,
-        )  # fmt: skip
     return traces
 
 

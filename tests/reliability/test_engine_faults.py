@@ -121,8 +121,8 @@ def test_seeded_sampling_is_identical_whether_or_not_a_neighbour_faulted(start_s
     retried = threading.Event()
     real_decode = engine._decode
 
-    def decode() -> Any:
-        out = real_decode()
+    def decode(plan: Any) -> Any:
+        out = real_decode(plan)
         if any(o.finish_reason == "error" for o in out):
             retried.set()  # the batch failed and its rows were retried one by one
         return out

@@ -1,0 +1,152 @@
+"""Tokens decided before the forward (engine.py `_plan`): a plain row's token is sampled from the
+previous forward's logits, so it is handed out before the step's forward, which only computes
+what comes after it. A plain request's first token leaves right after its prefill, and a
+request that ends on such a token runs no forward for it."""
+
+import asyncio
+import threading
+
+from tiny_models import PARITY_PROMPTS as PROMPTS
+
+from mara_serve.engine.async_engine import AsyncEngine
+from mara_serve.engine.engine import EngineConfig, LLMEngine
+from mara_serve.engine.reference import reference_generate
+from mara_serve.engine.request import Request
+from mara_serve.engine.sampling import SamplingParams
+
+
+def reference(lm, request):
+    return reference_generate(lm.model, request.prompt_token_ids, request.agent, request.params,
+                              lm.eos_token_ids)[0]  # fmt: skip
+
+
+def counting_forwards(engine: LLMEngine) -> list[int]:
+    """Counts the engine's decode forwards (prefill excluded)."""
+    forwards, score = [], engine.runner.score
+    engine.runner.score = lambda *a: forwards.append(1) or score(*a)
+    return forwards
+
+
+def test_plain_tokens_are_handed_out_before_the_forward_and_agent_tokens_after(tiny_lm, agents):
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=4))
+    forwards = counting_forwards(engine)
+    early: list[tuple[int, str, list[int]]] = []  # (forwards run so far, request, tokens)
+    engine.on_decided = lambda outs: early.extend(
+        (len(forwards), o.request_id, o.new_token_ids) for o in outs
+    )
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.0)
+    plain = Request("plain", PROMPTS[0], greedy)
+    mara = Request("mara", PROMPTS[1], greedy, agents["half"])
+    engine.add_request(plain)
+    engine.add_request(mara)
+    got: dict[str, list[int]] = {"plain": [], "mara": []}
+    step = 0
+    while engine.has_work():
+        before = len(forwards)
+        for out in engine.step():
+            assert out.request_id == "mara"  # the plain row's outputs all went out early
+            got[out.request_id] += out.new_token_ids
+        step_early = [e for e in early if e[0] == before]
+        if step < 6:  # every step hands the plain row's token out before its forward
+            assert [(e[1], len(e[2])) for e in step_early] == [("plain", 1)], (step, early)
+        step += 1
+    got["plain"] = [t for _, rid, ids in early if rid == "plain" for t in ids]
+    assert got["plain"] == reference(tiny_lm, plain)
+    assert got["mara"] == reference(tiny_lm, mara)
+    # the first token left after the prefill only: no decode forward had run
+    assert early[0] == (0, "plain", got["plain"][:1])
+
+
+def test_a_request_ending_on_a_decided_token_runs_no_forward_for_it(tiny_lm):
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=2))
+    forwards = counting_forwards(engine)
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True, temperature=0.0)
+    req = Request("one", PROMPTS[0], params)
+    engine.add_request(req)
+    outs = [o for _ in range(3) if engine.has_work() for o in engine.step()]
+    assert not engine.has_work() and engine.num_running == 0
+    assert forwards == []  # the prefill's logits decided it; nothing more to compute
+    (out,) = outs
+    assert out.finished and out.finish_reason == "length" and out.num_generated_tokens == 1
+    assert out.new_token_ids == reference(tiny_lm, req)
+    # three tokens: forwards for the first two only
+    req3 = Request("three", PROMPTS[0], SamplingParams(max_new_tokens=3, ignore_eos=True,
+                                                       temperature=0.0))  # fmt: skip
+    got = engine.generate([req3])["three"][0]
+    assert got == reference(tiny_lm, req3) and len(forwards) == 2
+
+
+def run_sampled(tiny_lm, fail_batches: int) -> tuple[dict[str, list[int]], dict]:
+    """Three seeded sampled plain requests; the first `fail_batches` batched forwards fail."""
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=3))
+    score, failed = engine.runner.score, []
+
+    def flaky(slots, *a):
+        if len(slots) > 1 and len(failed) < fail_batches:
+            failed.append(1)
+            raise RuntimeError("transient fault (simulated)")
+        return score(slots, *a)
+
+    engine.runner.score = flaky
+    sent: dict[str, list[int]] = {}
+    finals = {}
+
+    def on_decided(outs):
+        for o in outs:
+            sent.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                finals[o.request_id] = o
+
+    engine.on_decided = on_decided
+    for i in range(3):
+        params = SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=1.0, seed=i)
+        engine.add_request(Request(str(i), PROMPTS[i], params))
+    while engine.has_work():
+        assert engine.step() == []  # plain tokens all go out before the forward
+        for seq in engine.running:  # what was sent is what the row decodes from
+            assert seq.output_ids == sent[seq.request_id]
+    assert len(failed) == fail_batches
+    assert all(finals[r].finish_reason == "length" for r in "012")
+    assert all(finals[r].num_generated_tokens == len(sent[r]) == 8 for r in "012")
+    return sent
+
+
+def test_a_retried_step_forwards_the_tokens_it_already_handed_out(tiny_lm):
+    """A batch forward fails; each row is then stepped alone from the same plan. Its token was
+    sent before the forward, so the retry must forward that token, not draw another: the
+    outputs equal a run without faults."""
+    assert run_sampled(tiny_lm, fail_batches=2) == run_sampled(tiny_lm, fail_batches=0)
+
+
+def test_the_async_engine_streams_a_decided_token_while_the_forward_runs(tiny_lm):
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=2))
+    in_forward, release = threading.Event(), threading.Event()
+    score = engine.runner.score
+
+    def held(*a):
+        in_forward.set()
+        assert release.wait(10)
+        return score(*a)
+
+    engine.runner.score = held
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+
+    async def first_token():
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=0.0)
+        stream = async_engine.add_request(Request("r", PROMPTS[0], params))
+        outs = await asyncio.wait_for(stream.get(), 10)
+        assert in_forward.is_set() and not release.is_set()  # the forward has not finished
+        release.set()
+        ids = [t for o in outs for t in o.new_token_ids]
+        while not stream.finished:
+            ids += [t for o in await asyncio.wait_for(stream.get(), 10) for t in o.new_token_ids]
+        return ids
+
+    try:
+        ids = asyncio.run(first_token())
+    finally:
+        release.set()
+        async_engine.shutdown()
+    assert ids == reference(tiny_lm, Request("r", PROMPTS[0], SamplingParams(
+        max_new_tokens=4, ignore_eos=True, temperature=0.0)))  # fmt: skip
