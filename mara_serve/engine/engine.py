@@ -3,8 +3,9 @@
 `LLMEngine` is synchronous and owned by one thread: `step()` admits waiting requests into free
 cache slots (prefill), plans every running row's step (tokens known before the forward — plain
 rows' — go out at once through `on_decided`), runs one `decode_step` for the rows, and returns
-the new tokens as `RequestOutput` deltas. Requests join and leave the batch between steps. `add_request` and
-`abort` may be called from any thread (they only touch the lock-protected intake).
+the new tokens as `RequestOutput` deltas. Requests join and leave the batch between steps.
+`add_request` and `abort` may be called from any thread (they only touch the lock-protected
+intake).
 
 Invariants: running[i].slot == i for all i (dense slots); a request is in exactly one of
 waiting/running until it finishes; every request ends with exactly one finished output.
