@@ -356,11 +356,10 @@ class LLMEngine:
                 except Exception as e:
                     log.exception("planning failed for %s", seq.request_id)
                     rows.append(e)
-        plan, outs = [], []
+        planned, outs = {}, []
         for seq, row in zip(self.running, rows, strict=True):
             if isinstance(row, Exception):
-                seq.finish_reason = "error"
-                outs.append(self._final_output(seq, [], [], error=str(row) or type(row).__name__))
+                outs.append(self._failed(seq, row))
                 continue
             if row.decided_early:
                 trace = decide_early(seq, row)
@@ -368,8 +367,12 @@ class LLMEngine:
                     outs.append(self._appended(seq, trace))  # finished: no forward
                     continue
                 outs.append(self._output(seq, [trace.token_id], [trace], num_new=1))
-            plan.append((seq, row))
-        return plan, outs
+            planned[id(seq)] = row
+        # Release the ended rows now, so the forward runs over dense slots 0..R-1 (a view of
+        # the cache, not a gather of the rows' K/V in every layer).
+        for seq in [s for s in self.running if id(s) not in planned]:
+            self._release(seq)
+        return [(seq, planned[id(seq)]) for seq in self.running], outs
 
     def _decode(self, plan: list[tuple[Sequence, StepRow]]) -> list[RequestOutput]:
         seqs, rows = [s for s, _ in plan], [r for _, r in plan]

@@ -154,8 +154,9 @@ class KVCache:
         """
         if isinstance(slots, int):
             return self.keys[layer, :slots, :, :length], self.values[layer, :slots, :, :length]
-        return (self.keys[layer].index_select(0, slots)[:, :, :length],
-                self.values[layer].index_select(0, slots)[:, :, :length])  # fmt: skip
+        # slice before gathering: the copy holds `length` positions, not the slot's capacity
+        return (self.keys[layer, :, :, :length].index_select(0, slots),
+                self.values[layer, :, :, :length].index_select(0, slots))  # fmt: skip
 
     def move_positions(self, slots: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """In every layer, copy position src[m] of slot slots[m] to position dst[m]."""

@@ -76,6 +76,24 @@ def test_a_request_ending_on_a_decided_token_runs_no_forward_for_it(tiny_lm):
     assert got == reference(tiny_lm, req3) and len(forwards) == 2
 
 
+def test_rows_ending_before_the_forward_leave_it_over_dense_slots(tiny_lm):
+    """A row that ends on a decided token is released before the forward, so the rows still
+    running keep slots 0..R-1 (the forward reads a view of the cache, no gather of K/V)."""
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=4))
+    slots_seen, score = [], engine.runner.score
+    engine.runner.score = lambda slots, *a: slots_seen.append(list(slots)) or score(slots, *a)
+    reqs = [
+        Request(str(i), PROMPTS[i], SamplingParams(max_new_tokens=n, ignore_eos=True,
+                                                   temperature=0.0))
+        for i, n in enumerate([2, 7, 3, 5])
+    ]  # fmt: skip
+    got = engine.generate(reqs)
+    for r in reqs:
+        assert got[r.request_id][0] == reference(tiny_lm, r), r.request_id
+    assert [len(s) for s in slots_seen] == [4, 3, 2, 2, 1, 1]  # rows leave before a forward
+    assert all(s == list(range(len(s))) for s in slots_seen), slots_seen
+
+
 def run_sampled(tiny_lm, fail_batches: int) -> tuple[dict[str, list[int]], dict]:
     """Three seeded sampled plain requests; the first `fail_batches` batched forwards fail."""
     engine = LLMEngine(tiny_lm, EngineConfig(max_running=3))
@@ -135,8 +153,9 @@ def test_the_async_engine_streams_a_decided_token_while_the_forward_runs(tiny_lm
     async def first_token():
         params = SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=0.0)
         stream = async_engine.add_request(Request("r", PROMPTS[0], params))
+        # the forward after the prefill blocks until `release`: the token arrives before it ends
         outs = await asyncio.wait_for(stream.get(), 10)
-        assert in_forward.is_set() and not release.is_set()  # the forward has not finished
+        assert in_forward.wait(10)  # the forward is running (or about to) while we hold it
         release.set()
         ids = [t for o in outs for t in o.new_token_ids]
         while not stream.finished:
