@@ -340,11 +340,13 @@ class LLMEngine:
 
     def _plan(self) -> tuple[list[tuple[Sequence, StepRow]], list[RequestOutput]]:
         """Plan every running row's step (`step.plan_rows`) and hand out the tokens known
-        before the forward: a plain row's sampled token (or a MARA row left one candidate) is
-        settled by its logits, and the forward only computes what comes after it — sending it
-        now takes a whole forward off time to first token and every token's latency. A row
-        that ends on such a token needs no forward at all. A row whose planning fails (its
-        logits processing) ends with an error; the others go on."""
+        before the forward: a plain row's token is sampled from the last forward's logits, and
+        the forward only computes what comes after it — sending it now takes a whole forward
+        off time to first token and off every token's latency. A row that ends on such a token
+        needs no forward at all. (A MARA row keeps one cadence: its tokens go out after the
+        forward, even the rare one its top-k/top-p leaves without a choice — sent early, its
+        next token would come two forwards later.) A row whose planning fails (its logits
+        processing) ends with an error; the others go on."""
         try:
             rows = plan_rows(self.running)
         except Exception:
@@ -361,7 +363,7 @@ class LLMEngine:
             if isinstance(row, Exception):
                 outs.append(self._failed(seq, row))
                 continue
-            if row.decided_early:
+            if seq.agent is None:
                 trace = decide_early(seq, row)
                 if seq.finish_reason_after(trace.token_id) is not None:
                     outs.append(self._appended(seq, trace))  # finished: no forward

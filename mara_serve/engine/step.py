@@ -49,18 +49,12 @@ class StepRow:
     fallback: bool = False
     rank0_hidden: torch.Tensor | None = None  # rank 0's state (all rejected → its fallback)
     # The emitted token's trace, once the engine has sent a token decided before the forward
-    # (`decided_early`); the step then reuses it instead of computing its logprobs again.
+    # (`decide_early`); the step then reuses it instead of computing its logprobs again.
     trace: TokenTrace | None = None
 
     @property
     def needs_agent(self) -> bool:
         return len(self.cands) > 1
-
-    @property
-    def decided_early(self) -> bool:
-        """One candidate (a plain row's sampled token, or a MARA row whose top-k/top-p left one):
-        the token is known before the forward, which only computes its K/V and next logits."""
-        return not self.needs_agent
 
     def resumed(self) -> StepRow:
         """A copy to advance in this step: the stored row stays as it was until the step has
@@ -152,8 +146,10 @@ def token_trace(seq: Sequence, row: StepRow) -> TokenTrace:
 
 
 def decide_early(seq: Sequence, row: StepRow) -> TokenTrace:
-    """Settle a `decided_early` row's token now, before the step's forward; returns its trace
-    (kept on the row, which the step then only runs forward)."""
+    """Settle a one-candidate row's token now, before the step's forward (a plain row: its
+    token was sampled from the last forward's logits, the forward only computes its K/V and
+    next logits); returns its trace, kept on the row, which the step then only runs forward."""
+    assert not row.needs_agent
     row.chosen = 0
     row.trace = token_trace(seq, row)
     return row.trace

@@ -37,14 +37,18 @@ def test_plain_tokens_are_handed_out_before_the_forward_and_agent_tokens_after(t
     greedy = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.0)
     plain = Request("plain", PROMPTS[0], greedy)
     mara = Request("mara", PROMPTS[1], greedy, agents["half"])
-    engine.add_request(plain)
-    engine.add_request(mara)
-    got: dict[str, list[int]] = {"plain": [], "mara": []}
+    # one candidate per token (no choice for the agent): still sent after the forward, so a
+    # MARA request keeps one cadence
+    one = Request("one", PROMPTS[2], SamplingParams(max_new_tokens=6, ignore_eos=True, top_k=1),
+                  agents["half"])  # fmt: skip
+    for r in (plain, mara, one):
+        engine.add_request(r)
+    got: dict[str, list[int]] = {"plain": [], "mara": [], "one": []}
     step = 0
     while engine.has_work():
         before = len(forwards)
         for out in engine.step():
-            assert out.request_id == "mara"  # the plain row's outputs all went out early
+            assert out.request_id != "plain"  # the plain row's outputs all went out early
             got[out.request_id] += out.new_token_ids
         step_early = [e for e in early if e[0] == before]
         if step < 6:  # every step hands the plain row's token out before its forward
@@ -53,6 +57,7 @@ def test_plain_tokens_are_handed_out_before_the_forward_and_agent_tokens_after(t
     got["plain"] = [t for _, rid, ids in early if rid == "plain" for t in ids]
     assert got["plain"] == reference(tiny_lm, plain)
     assert got["mara"] == reference(tiny_lm, mara)
+    assert got["one"] == reference(tiny_lm, one)
     # the first token left after the prefill only: no decode forward had run
     assert early[0] == (0, "plain", got["plain"][:1])
 
