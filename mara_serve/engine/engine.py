@@ -347,26 +347,41 @@ class LLMEngine:
         forward, even the rare one its top-k/top-p leaves without a choice — sent early, its
         next token would come two forwards later.) A row whose planning fails (its logits
         processing) ends with an error; the others go on."""
+        # Seeded rows' generator states before planning: a row planned alone after the batch's
+        # planning failed draws exactly what it would have drawn (never depends on a neighbour).
+        rng = {id(s): s.generator.get_state() for s in self.running if s.generator is not None}
         try:
-            rows = plan_rows(self.running)
+            rows: list[StepRow | Exception] = list(plan_rows(self.running))
         except Exception:
             log.exception("planning the step failed; planning the rows one by one")
             rows = []
             for seq in self.running:
+                if seq.generator is not None:
+                    seq.generator.set_state(rng[id(seq)])
                 try:
                     rows += plan_rows([seq])
                 except Exception as e:
                     log.exception("planning failed for %s", seq.request_id)
                     rows.append(e)
+            if all(isinstance(row, Exception) for row in rows):
+                self._check_alive(rows[0])  # type: ignore[arg-type]
         planned, outs = {}, []
         for seq, row in zip(self.running, rows, strict=True):
+            trace = None
+            if seq.agent is None and not isinstance(row, Exception):
+                try:
+                    trace = decide_early(seq, row)
+                    seq.accept_constrained(trace.token_id)  # before the token is sent
+                except Exception as e:
+                    log.exception("request %s: token not accepted", seq.request_id)
+                    row = e
             if isinstance(row, Exception):
                 outs.append(self._failed(seq, row))
                 continue
-            if seq.agent is None:
-                trace = decide_early(seq, row)
+            if trace is not None:
                 if seq.finish_reason_after(trace.token_id) is not None:
-                    outs.append(self._appended(seq, trace))  # finished: no forward
+                    seq.append(trace.token_id, trace, accepted=True)  # finished: no forward
+                    outs.append(self._output(seq, [trace.token_id], [trace]))
                     continue
                 outs.append(self._output(seq, [trace.token_id], [trace], num_new=1))
             planned[id(seq)] = row
@@ -397,10 +412,7 @@ class LLMEngine:
         outs = []
         for seq, row, res in results:
             if row.trace is not None:  # already sent (`_plan`): record it, report only faults
-                try:
-                    seq.append(row.trace.token_id, row.trace)
-                except Exception as e:
-                    res = e
+                seq.append(row.trace.token_id, row.trace, accepted=True)
                 if isinstance(res, Exception):
                     outs.append(self._failed(seq, res))
                 continue
@@ -520,6 +532,8 @@ class LLMEngine:
         """Run requests to completion (all queued at once); returns id → (ids, traces, reason).
 
         `on_finish(request_id)` is called as each request finishes (e.g. a progress bar)."""
+        if self.on_decided is not None:  # its outputs would go there, not into the results
+            raise RuntimeError("generate() cannot run an engine that an AsyncEngine drives")
         results: dict[str, Result] = {r.request_id: ([], [], "") for r in requests}
         for r in requests:
             self.add_request(r)

@@ -61,12 +61,18 @@ class Sequence:
             return "length"
         return None
 
-    def append(self, token_id: int, trace: TokenTrace) -> None:
-        """Record an emitted token and decide whether the sequence is finished."""
-        reason = self.finish_reason_after(token_id)
-        self.output_ids.append(token_id)
-        self.length += 1
+    def accept_constrained(self, token_id: int) -> None:
+        """Advance the output constraint by `token_id` (raises if it refuses the token)."""
         if self.constraint is not None:
             self.constraint.accept(token_id)
+
+    def append(self, token_id: int, trace: TokenTrace, accepted: bool = False) -> None:
+        """Record an emitted token and decide whether the sequence is finished. `accepted`:
+        the constraint already took the token (`accept_constrained`, before it was sent)."""
+        reason = self.finish_reason_after(token_id)
+        if not accepted:
+            self.accept_constrained(token_id)
+        self.output_ids.append(token_id)
+        self.length += 1
         if reason is not None:
             self.finish_reason = reason

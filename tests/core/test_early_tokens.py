@@ -6,6 +6,8 @@ request that ends on such a token runs no forward for it."""
 import asyncio
 import threading
 
+import pytest
+import torch
 from tiny_models import PARITY_PROMPTS as PROMPTS
 
 from mara_serve.engine.async_engine import AsyncEngine
@@ -174,3 +176,59 @@ def test_the_async_engine_streams_a_decided_token_while_the_forward_runs(tiny_lm
         async_engine.shutdown()
     assert ids == reference(tiny_lm, Request("r", PROMPTS[0], SamplingParams(
         max_new_tokens=4, ignore_eos=True, temperature=0.0)))  # fmt: skip
+
+
+def test_a_neighbour_failing_its_planning_changes_no_seeded_draw(tiny_lm):
+    """Plain rows sample while the step is planned; when one row's sampling fails, the rows
+    are planned again one by one from their generators' states before the step."""
+
+    def run(with_faulty: bool):
+        engine = LLMEngine(tiny_lm, EngineConfig(max_running=4))
+        seeded = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=1.0, seed=7)
+        reqs = [Request("seeded", PROMPTS[0], seeded)]
+        if with_faulty:  # only token 5 allowed and token 5 banned: nothing left to sample
+            reqs.append(Request("faulty", PROMPTS[1], SamplingParams(
+                max_new_tokens=6, ignore_eos=True, temperature=1.0, allowed_token_ids=(5,),
+                bad_words_ids=((5,),))))  # fmt: skip
+        return engine.generate(reqs)
+
+    alone, with_faulty = run(False), run(True)
+    assert with_faulty["faulty"][2] == "error"
+    assert with_faulty["seeded"][0] == alone["seeded"][0]
+
+
+class RefusingConstraint:
+    """Allows every token but refuses the second one it is asked to accept (a broken grammar:
+    `allowed` and `accept` disagree)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.accepted = vocab_size, 0
+
+    def allowed(self):
+        return torch.ones(self.vocab_size, dtype=torch.bool)
+
+    def accept(self, token_id: int) -> None:
+        if self.accepted == 1:
+            raise ValueError("token not allowed here")
+        self.accepted += 1
+
+
+def test_a_plain_token_the_constraint_refuses_is_never_sent(tiny_lm):
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=2))
+    sent = []
+    engine.on_decided = sent.extend
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.0)
+    engine.add_request(Request("c", PROMPTS[0], params,
+                               constraint=RefusingConstraint(tiny_lm.vocab_size)))  # fmt: skip
+    while engine.has_work():
+        sent += engine.step()
+    assert [len(o.new_token_ids) for o in sent] == [1, 0]  # the first token, then the error
+    assert sent[-1].finished and sent[-1].finish_reason == "error"
+    assert "not allowed" in sent[-1].error and sent[-1].num_generated_tokens == 1
+
+
+def test_generate_refuses_an_engine_an_async_engine_drives(tiny_lm):
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=2))
+    AsyncEngine(engine)  # wires `on_decided`: generate() would lose the early outputs
+    with pytest.raises(RuntimeError, match="AsyncEngine"):
+        engine.generate([Request("r", PROMPTS[0], SamplingParams(max_new_tokens=2))])
