@@ -249,6 +249,9 @@ class LLMEngine:
         admitted = self._pop_admissible()
         if not admitted:
             return []
+        # max_new_tokens 0 (completions' echo, scoring a prompt): ends here, nothing to compute
+        outs = [self._prompt_only(r) for r in admitted if r.params.max_new_tokens == 0]
+        admitted = [r for r in admitted if r.params.max_new_tokens > 0]
         seqs, computed, twins = [], [], []
         first: dict[tuple[int, ...], Sequence] = {}
         for request in admitted:
@@ -271,7 +274,6 @@ class LLMEngine:
                 continue
             self.runner.cache.move(source.slot, seq.slot, seq.num_prompt_tokens)
             seq.next_logits = source.next_logits  # read-only until its first step
-        outs: list[RequestOutput] = []
         for seq in seqs:
             n = seq.num_prompt_tokens
             if id(seq) in failed:
@@ -285,6 +287,11 @@ class LLMEngine:
             seq.length = n
             self.running.append(seq)
         return outs
+
+    def _prompt_only(self, request: Request) -> RequestOutput:
+        return RequestOutput(request.request_id, [], [], True, "length",
+                             num_prompt_tokens=len(request.prompt_token_ids),
+                             queue_time=time.monotonic() - request.arrival_time)  # fmt: skip
 
     def _pop_admissible(self) -> list[Request]:
         """Waiting requests for the free slots, within `max_prefill_tokens` of tokens actually

@@ -56,8 +56,8 @@ class SamplingParams:
                     or bool(self.bad_words_ids))  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidRequestError("max_new_tokens must be >= 1", "max_tokens")
+        if self.max_new_tokens < 0:  # 0: the prompt only (scoring; the engine emits nothing)
+            raise InvalidRequestError("max_new_tokens must be >= 0", "max_tokens")
         if self.top_k is not None and self.top_k < 1:
             raise InvalidRequestError("top_k must be >= 1", "top_k")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:

@@ -166,6 +166,8 @@ CASES = [
     ("unknown-field", chat(some_future_field=1), 400, "some_future_field", "extra_forbidden"),
     ("completion-best-of", completion(best_of=3), 400, "best_of", "unsupported_parameter"),
     ("completion-echo-a-string", completion(echo="yes"), 400, "echo", None),
+    ("completion-max-tokens-0-no-echo", completion(max_tokens=0), 400, "max_tokens", None),
+    ("chat-max-tokens-0", chat(max_tokens=0), 400, "max_tokens", None),
 ]
 
 

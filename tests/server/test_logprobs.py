@@ -152,3 +152,32 @@ def test_completions_echo_with_logprobs_covers_the_prompt(client, tiny_lm) -> No
     streamed = [x for c in chunks for ch in c.choices if ch.logprobs
                 for x in ch.logprobs.token_logprobs]  # fmt: skip
     assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+
+
+def test_completions_echo_with_max_tokens_0_scores_the_prompt(client, tiny_lm, server) -> None:
+    """OpenAI's legacy scoring call (evaluation harnesses' loglikelihood): echo, logprobs and
+    max_tokens 0 return the prompt and its tokens' log-probabilities, nothing generated, for a
+    prompt that fills the whole context too."""
+    text = "The cat sat on the mat"
+    kwargs = dict(model=BASE, prompt=[text, "A dog"], max_tokens=0, logprobs=1, echo=True,
+                  extra_body={"return_token_ids": True})  # fmt: skip
+    r = client.completions.create(**kwargs)
+    assert [c.text for c in r.choices] == [text, "A dog"]
+    assert all(c.finish_reason == "length" for c in r.choices)
+    choice, lp = r.choices[0], r.choices[0].logprobs
+    prompt = choice.model_extra["prompt_token_ids"]
+    assert choice.model_extra["token_ids"] == []
+    assert len(lp.tokens) == len(prompt) and lp.token_logprobs[0] is None
+    want = model_logprobs(tiny_lm, prompt[:1], prompt[1:])
+    for t, token in enumerate(prompt[1:]):
+        assert lp.token_logprobs[1 + t] == pytest.approx(float(want[t][token]), abs=1e-4)
+    n_prompt = len(prompt) + len(r.choices[1].model_extra["prompt_token_ids"])
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == n_prompt
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    texts = {ch.index: ch.text for c in chunks for ch in c.choices if ch.text}
+    assert texts == {0: text, 1: "A dog"}
+    assert sorted(ch.index for c in chunks for ch in c.choices if ch.finish_reason) == [0, 1]
+    # a prompt of the whole context: nothing is left to generate, and nothing needs to be
+    full = [5] * server.state.engine.engine.max_model_len
+    r = client.completions.create(model=BASE, prompt=full, max_tokens=0, echo=True, logprobs=0)
+    assert r.choices[0].finish_reason == "length" and len(r.choices[0].logprobs.tokens) == len(full)

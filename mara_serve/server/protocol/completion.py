@@ -27,7 +27,11 @@ class CompletionRequest(SamplingRequest):
         "(capped by the server's max_prompts); choice index = prompt index * n + i",
     )
     max_tokens: int | None = Field(
-        16, ge=1, description="tokens to generate (OpenAI's default 16; null = rest of context)"
+        16,
+        ge=0,
+        description="tokens to generate (OpenAI's default 16; null = rest of context); 0 with "
+        "echo returns the prompt only — with logprobs, its tokens' log-probabilities (scoring, "
+        "as evaluation harnesses do)",
     )
     echo: bool = Field(False, description="prepend the prompt text to each choice")
     logprobs: int | None = Field(
@@ -79,6 +83,12 @@ class CompletionRequest(SamplingRequest):
                 "suffix is not supported by this server",
                 param="suffix",
                 code="unsupported_parameter",
+            )
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(
+                "max_tokens must be at least 1 unless echo is true (echo with max_tokens 0 "
+                "returns the prompt and, with logprobs, scores it)",
+                param="max_tokens",
             )
         if self.best_of not in (None, self.n):
             raise APIError(

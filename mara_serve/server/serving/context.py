@@ -147,6 +147,8 @@ class ServingContext:
     ) -> int:  # fmt: skip
         """`requested`, or the remaining context (capped by `default_cap`) when unset."""
         room = self.max_model_len - prompt_len
+        if requested == 0 and room >= 0:  # the prompt only (completions' echo): it fits
+            return 0
         if room < 1:
             raise ContextLengthExceededError(
                 f"this model's maximum context length is {self.max_model_len} tokens and the "
