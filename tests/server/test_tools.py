@@ -103,3 +103,18 @@ def test_the_sdks_parse_helper_gets_a_parsed_object(client) -> None:
                                       response_format=Verdict)  # fmt: skip
     parsed = r.choices[0].message.parsed
     assert isinstance(parsed, Verdict) and parsed.answer in ("yes", "no")
+
+
+def test_with_tools_auto_a_plain_answer_still_streams(client) -> None:
+    """Under tool_choice "auto" only text that may become a call is held; an answer that
+    cannot streams as it comes (a chat front end with tools enabled keeps streaming)."""
+    kwargs = dict(model=BASE, messages=MESSAGES, max_tokens=12, tools=[WEATHER, TIME],
+                  temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    full = client.chat.completions.create(**kwargs)
+    assert full.choices[0].message.tool_calls is None and full.choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    contents = [c.choices[0].delta.content for c in chunks
+                if c.choices and c.choices[0].delta.content]  # fmt: skip
+    assert len(contents) > 1  # piece by piece, not one piece at the end
+    assert "".join(contents) == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -192,3 +193,43 @@ def test_every_setting_is_a_serve_flag(capsys: pytest.CaptureFixture) -> None:
 def test_cli_rejects_invalid_settings_with_status_2(capsys: pytest.CaptureFixture) -> None:
     assert main(["serve", "--port", "70000"]) == 2
     assert "port" in capsys.readouterr().err
+
+
+WEATHER_TOOL = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+def stream_calls(pieces: list[str], forced: bool = False) -> tuple[list[str], list | None]:
+    """Feed `pieces` to a CallStream; (content sent after each piece, the calls at the end)."""
+    from mara_serve.server.serving.tools import CallStream
+
+    s, sent, calls = CallStream(WEATHER_TOOL, forced), [], None
+    for i, piece in enumerate(pieces):
+        text, calls = s.feed(piece, i == len(pieces) - 1)
+        sent.append(text)
+    return sent, calls
+
+
+def test_streamed_text_under_tools_goes_out_at_once_and_calls_are_held() -> None:
+    from mara_serve.server.serving.tools import split_calls
+
+    # plain text streams piece by piece; a "<tool" at the end is held until it cannot be a tag
+    assert stream_calls(["The weather", " is <to", "day nice", "."]) == (
+        ["The weather", " is ", "<today nice", "."], None)  # fmt: skip
+    # a bare call: nothing goes out as content, the call comes at the end
+    sent, calls = stream_calls([" ", CALL[:10], CALL[10:30], CALL[30:]])
+    assert "".join(sent) == "" and calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    # text, then a Hermes block: the text is content, the block the call
+    block = f"<tool_call>\n{CALL}\n</tool_call>"
+    sent, calls = stream_calls(["Let me check. <tool", block[5:20], block[20:]])
+    assert sent == ["Let me check. ", "", ""] and calls[0]["function"]["name"] == "get_weather"
+    assert split_calls("Let me check. " + block, WEATHER_TOOL)[0] == "Let me check."
+    # what looked like a call and is not: the held text goes out as content at the end
+    assert stream_calls(["{not", " json}"]) == (["", "{not json}"], None)
+    assert split_calls("{not json}", WEATHER_TOOL) == ("{not json}", None)
+    # an unknown function is no call
+    other = CALL.replace("get_weather", "launch")
+    assert stream_calls([other]) == ([other], None)
+    # a forced call holds even text that could never be one
+    assert stream_calls(["Hello", " there"], forced=True) == (["", "Hello there"], None)

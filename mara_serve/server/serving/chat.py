@@ -109,8 +109,9 @@ class ChatServing(EndpointServing):
     ) -> ChatCompletionResponse:
         choices = []
         for i, r in enumerate(results):
-            calls = tools.parse_calls(r.text, body.tool_specs) if tools.tools_active(body) else None
-            message = (ChatMessage(content=None, tool_calls=calls) if calls
+            content, calls = (tools.split_calls(r.text, body.tool_specs)
+                              if tools.tools_active(body) else (r.text, None))  # fmt: skip
+            message = (ChatMessage(content=content or None, tool_calls=calls) if calls
                        else ChatMessage(content=body.echo_prefix() + r.text))  # fmt: skip
             choices.append(ChatCompletionResponseChoice(
                 index=i, message=message, finish_reason="tool_calls" if calls else r.finish_reason,
@@ -136,8 +137,12 @@ class ChatServing(EndpointServing):
                 usage=usage, prompt_token_ids=prompt_ids(gen, body) if opening else None,
             ).model_dump_json())  # fmt: skip
 
-        buffered = tools.tools_active(body)  # a call is known only once the choice has ended
-        held: dict[int, list[str]] = {}
+        # under tools, text that may become a call is held until the choice ends (CallStream)
+        calls_in = (
+            {c.index: tools.CallStream(body.tool_specs, tools.call_forced(body))
+             for c in gen.choices}
+            if tools.tools_active(body) else None
+        )  # fmt: skip
 
         def delta_choices(d: ChoiceDelta, traces: object) -> list[StreamChoice]:
             logprobs = (
@@ -145,17 +150,16 @@ class ChatServing(EndpointServing):
             )
             ids = [t.token_id for t in d.traces] if body.return_token_ids else None
             text, calls = d.text, None
-            if buffered:  # hold the text; at the end it is the content or the tool calls
-                held.setdefault(d.index, []).append(d.text)
-                text = "".join(held.pop(d.index)) if d.finish_reason is not None else ""
-                calls = tools.parse_calls(text, body.tool_specs) if text else None
+            if calls_in is not None:
+                text, calls = calls_in[d.index].feed(d.text, d.finish_reason is not None)
             out = []
-            if text or traces or logprobs or ids:  # the trace and logprobs stream as they come
-                if calls:
-                    delta = DeltaMessage(tool_calls=[DeltaToolCall(index=j, **c)
-                                                     for j, c in enumerate(calls)])  # fmt: skip
-                else:
-                    delta = DeltaMessage(content=text if text or not buffered else None)
+            # the trace, logprobs and token ids stream as they come, even while text is held
+            if text or traces or logprobs or ids or calls:
+                delta = DeltaMessage(
+                    content=text if text or calls_in is None else None,
+                    tool_calls=[DeltaToolCall(index=j, **c) for j, c in enumerate(calls)]
+                    if calls else None,
+                )  # fmt: skip
                 out.append(StreamChoice(index=d.index, delta=delta, mara_trace=traces,
                                         logprobs=logprobs, token_ids=ids))  # fmt: skip
             if d.finish_reason is not None:

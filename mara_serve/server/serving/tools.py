@@ -9,8 +9,13 @@ Choosing: `tool_choice` "required" or a named function constrains the output wit
 (structured.py) to exactly such an object whose arguments follow the function's JSON schema, so
 the call always parses — in MARA mode the agent judges only tokens that keep it valid. With
 "auto" the output is free; it is a call when it parses as one (a bare object as above, a list
-of them, or `<tool_call>…</tool_call>` blocks as Hermes/Qwen templates write) naming a known
-function. "none": the tools are not shown and no call is parsed.
+of them, or `<tool_call>…</tool_call>` blocks as Hermes/Qwen templates write, after which any
+text before the first block is the message's content) naming a known function. "none": the
+tools are not shown and no call is parsed.
+
+Streaming with "auto" (`CallStream`): text that cannot start a call streams as content at once;
+only what may still become one (an opening `{` or `[`, a `<tool_call>` or a prefix of it) is
+held until the choice ends, so a chat front end with tools enabled still streams plain answers.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 from mara_serve.server.errors import APIError
 
 _TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+_TAG = "<tool_call>"
 
 
 def tools_active(body: Any) -> bool:
@@ -112,6 +118,59 @@ def _declared_only(params: dict[str, Any] | None) -> dict[str, Any]:
     if params.get("type") == "object" and "properties" in params:
         return {"additionalProperties": False, **params}
     return params
+
+
+def split_calls(text: str, tools: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]] | None]:
+    """(content, tool calls): the whole text and None when it holds no call; "" and the calls
+    for a bare call; the text before the first `<tool_call>` block and the calls for blocks."""
+    at = text.find(_TAG)
+    head, tail = (text[:at], text[at:]) if at > 0 else ("", text)
+    calls = parse_calls(tail, tools)
+    return (head.strip(), calls) if calls else (text, None)
+
+
+class CallStream:
+    """One streamed choice under tools (module doc): `feed` each text delta, get back the
+    content to send now and, once the choice has ended, its tool calls (or None)."""
+
+    def __init__(self, tools: list[dict[str, Any]], forced: bool):
+        self.tools = tools
+        self.forced = forced  # a constrained call: hold everything
+        self.held = ""  # text not sent yet
+        self.call_started = forced  # held text begins a call: hold it to the end
+        self.sent_any = False  # a bare JSON call must be the whole answer
+
+    def feed(self, text: str, finished: bool) -> tuple[str, list[dict[str, Any]] | None]:
+        self.held += text
+        if finished:
+            held, self.held = self.held, ""
+            calls = parse_calls(held, self.tools) if held.strip() else None
+            return ("", calls) if calls else (held, None)
+        if self.call_started:
+            return "", None
+        stripped = self.held.lstrip()
+        if not stripped:
+            return "", None
+        if stripped[0] in "{[" and not self.sent_any:
+            self.call_started = True  # may be a bare call
+            return "", None
+        at = self.held.find(_TAG)
+        if at >= 0:  # a block begins: what comes before it is content
+            send, self.held, self.call_started = self.held[:at], self.held[at:], True
+        else:
+            keep = _partial_tag(self.held)  # a "<tool" at the end may still become a block
+            cut = len(self.held) - keep
+            send, self.held = self.held[:cut], self.held[cut:]
+        self.sent_any = self.sent_any or bool(send)
+        return send, None
+
+
+def _partial_tag(text: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `<tool_call>`."""
+    for n in range(min(len(_TAG) - 1, len(text)), 0, -1):
+        if _TAG.startswith(text[-n:]):
+            return n
+    return 0
 
 
 def parse_calls(text: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
