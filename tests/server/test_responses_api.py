@@ -101,3 +101,31 @@ def test_the_chat_extensions_pass_through(client) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=BASE, input="Hi", extra_body={"min_p": 2})
     assert e.value.body["param"] == "min_p"
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                          "required": ["city"]}}  # fmt: skip
+
+
+def test_streamed_with_tools_text_streams_and_a_forced_call_is_an_item(client) -> None:
+    # auto, a reply that cannot be a call: it streams as text deltas, as without tools
+    kwargs = dict(model=BASE, input="Is the sky blue?", tools=[WEATHER], max_output_tokens=8,
+                  temperature=0)  # fmt: skip
+    full = client.responses.create(**kwargs)
+    events = list(client.responses.create(stream=True, **kwargs))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == full.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # a forced call: no text item, one function_call item added then done
+    events = list(client.responses.create(
+        model="half", input="Weather in Paris?", tools=[WEATHER], stream=True,
+        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=48,
+        temperature=0,
+    ))  # fmt: skip
+    kinds = [e.type for e in events]
+    assert "response.output_text.delta" not in kinds
+    assert kinds[2:] == ["response.output_item.added", "response.output_item.done",
+                         "response.completed"]  # fmt: skip
+    call = events[-1].response.output[0]
+    assert call.type == "function_call" and json.loads(call.arguments)["city"] in ("Paris", "Rome")

@@ -4,9 +4,10 @@
 Stream (OpenAI's event sequence, each `event: TYPE` + `data: {...}` with a `sequence_number`):
 `response.created`, `response.in_progress`, `response.output_item.added`,
 `response.content_part.added`, `response.output_text.delta`…, `response.output_text.done`,
-`response.content_part.done`, `response.output_item.done`, `response.completed`. With tools the
-reply is held to its end (a call is known only then) and sent as `function_call` items. An error
-after the stream began is an `error` event.
+`response.content_part.done`, `response.output_item.done`, `response.completed`. With tools,
+text that may still become a call is held to the end (tools.CallStream) and sent as
+`function_call` items; other text streams as the message's deltas. An error after the stream
+began is an `error` event.
 """
 
 from __future__ import annotations
@@ -51,11 +52,16 @@ class ResponsesServing:
     def _response(
         self, rid: str, body: ResponsesRequest, chat: ChatCompletionRequest, gen: Generation,
         created: int, text: str | None, finish: str | None, status: str = "completed",
+        calls: list[dict[str, Any]] | None = None,
     ) -> ResponseObject:  # fmt: skip
+        """`text`: the reply (None: not yet). `calls`: its tool calls when already split from
+        the text (streaming); else they are parsed from `text` here."""
         output: list[dict[str, Any]] = []
         if text is not None:
-            calls = tools.parse_calls(text, chat.tool_specs) if tools.tools_active(chat) else None
-            output = [function_call(c) for c in calls] if calls else [message(rid, text)]
+            if calls is None and tools.tools_active(chat):
+                text, calls = tools.split_calls(text, chat.tool_specs)
+            output = [message(rid, text)] if text or not calls else []
+            output += [function_call(c) for c in calls or []]
         incomplete = finish == "length" and status == "completed"
         usage = gen.usage()
         return ResponseObject(
@@ -87,40 +93,50 @@ class ResponsesServing:
             return self._response(rid, body, chat, gen, created, text, finish,
                                   status).model_dump(mode="json")  # fmt: skip
 
-        buffered = tools.tools_active(chat)
+        held = (tools.CallStream(chat.tool_specs, tools.call_forced(chat))
+                if tools.tools_active(chat) else None)  # fmt: skip
         item_id = "msg_" + rid.removeprefix("resp_")
         parts: list[str] = []
-        finish = None
+        finish, calls, opened = None, None, False
         try:
             yield event("response.created", response=snapshot("in_progress"))
             yield event("response.in_progress", response=snapshot("in_progress"))
-            if not buffered:
+            if held is None:  # no call possible: the message item opens at once
                 yield from_open(event, item_id)
+                opened = True
             async for d in gen.deltas():
-                if d.text:
-                    parts.append(d.text)
-                    if not buffered:
-                        yield event("response.output_text.delta", item_id=item_id,
-                                    output_index=0, content_index=0, delta=d.text,
-                                    logprobs=[])  # fmt: skip
+                text = d.text
+                if held is not None:
+                    text, found = held.feed(d.text, d.finish_reason is not None)
+                    calls = found or calls
+                if text:
+                    if not opened:
+                        yield from_open(event, item_id)
+                        opened = True
+                    parts.append(text)
+                    yield event("response.output_text.delta", item_id=item_id, output_index=0,
+                                content_index=0, delta=text, logprobs=[])  # fmt: skip
                 if d.finish_reason is not None:
                     finish = d.finish_reason
             gen.mark("success")
             text = "".join(parts)
-            final = snapshot("completed", text, finish)
-            if buffered:
-                for i, item in enumerate(final["output"]):
-                    yield event("response.output_item.added", output_index=i,
-                                item={**item, "status": "in_progress"})  # fmt: skip
-                    yield event("response.output_item.done", output_index=i, item=item)
-            else:
+            final = self._response(rid, body, chat, gen, created, text, finish, "completed",
+                                   calls or []).model_dump(mode="json")  # fmt: skip
+            items = final["output"]
+            if items and items[0]["type"] == "message":
+                if not opened:  # an empty reply
+                    yield from_open(event, item_id)
                 part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
                 yield event("response.output_text.done", item_id=item_id, output_index=0,
                             content_index=0, text=text, logprobs=[])  # fmt: skip
                 yield event("response.content_part.done", item_id=item_id, output_index=0,
                             content_index=0, part=part)  # fmt: skip
-                yield event("response.output_item.done", output_index=0,
-                            item=final["output"][0])  # fmt: skip
+                yield event("response.output_item.done", output_index=0, item=items[0])
+            for i, item in enumerate(items):
+                if item["type"] == "function_call":
+                    yield event("response.output_item.added", output_index=i,
+                                item={**item, "status": "in_progress"})  # fmt: skip
+                    yield event("response.output_item.done", output_index=i, item=item)
             kind = "response.completed" if final["status"] == "completed" else (
                 "response.incomplete"
             )  # fmt: skip
