@@ -38,6 +38,7 @@ from mara_serve.engine.weights import (
     SUPPORTED_MODEL_TYPES,
     LayerWeights,
     can_split_for_cpu,
+    head_groups,
     split_for_cpu,
     split_weight,
 )
@@ -107,7 +108,9 @@ class ModelRunner:
         if self.split_matmuls:  # views of the same weights (weights.split_for_cpu)
             threads = torch.get_num_threads()
             self.layers = tuple(split_for_cpu(layer, threads) for layer in self.layers)
-            self.head_w, self.head_b = split_weight(self.head_w, self.head_b, threads)
+            self.head_w, self.head_b = split_weight(
+                self.head_w, self.head_b, threads, head_groups(self.head_w.shape[0], threads)
+            )
         max_len = lm.max_model_len
         window = getattr(cfg, "sliding_window", None)
         if window and getattr(cfg, "use_sliding_window", True):

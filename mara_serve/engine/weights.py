@@ -117,10 +117,28 @@ def output_groups(out_features: int, threads: int) -> int:
     return 1
 
 
-def split_weight(w: torch.Tensor, b: torch.Tensor | None, threads: int):
+HEAD_SLICE_ROWS = 512  # the LM head's output rows per batched-matmul slice (`head_groups`)
+
+
+def head_groups(vocab_size: int, threads: int) -> int:
+    """Groups for the LM head: slices of at most HEAD_SLICE_ROWS vocabulary rows. The head is
+    by far the widest matrix (49k-152k rows): in 4 slices, each slice's weight panel is tens of
+    MB and MKL's few-row sgemm ran at a third of the bandwidth; in slices of 384-512 rows,
+    measured on the 2-core AVX2 VM (SmolLM2, 49,152 × 576): 1 row 5.1 → 5.5 ms, 2 rows 12.8 →
+    8.1, 4 rows 13.1 → 8.9, 16 rows 17.5 → 11.8, 64 rows 36.2 → 29.7 (bench/RESULTS.md). The
+    layers' matrices (≤ 3k rows) gained nothing from more slices."""
+    lowest = max(-(-vocab_size // HEAD_SLICE_ROWS), 4, threads)
+    for groups in range(lowest, vocab_size // 128 + 1):  # slices of 128 rows at least
+        if vocab_size % groups == 0:
+            return groups
+    return output_groups(vocab_size, threads)
+
+
+def split_weight(w: torch.Tensor, b: torch.Tensor | None, threads: int, groups: int | None = None):
     """A dense (out, in) weight as a (groups, in, out/groups) VIEW (no copy) and its bias as
-    (groups, 1, out/groups), for `runner._linear`'s batched matmul."""
-    groups = output_groups(w.shape[0], threads)
+    (groups, 1, out/groups), for `runner._linear`'s batched matmul. `groups`: default
+    `output_groups`."""
+    groups = output_groups(w.shape[0], threads) if groups is None else groups
     if groups == 1:
         return w, b
     rows = w.shape[0] // groups

@@ -21,7 +21,7 @@ from mara_serve.engine.reference import reference_generate
 from mara_serve.engine.request import Request
 from mara_serve.engine.runner import ModelRunner, _linear
 from mara_serve.engine.sampling import SamplingParams
-from mara_serve.engine.weights import split_weight
+from mara_serve.engine.weights import head_groups, split_weight
 
 
 def run_all(engine: LLMEngine) -> dict:
@@ -308,3 +308,16 @@ def test_split_linear_equals_f_linear():
             x = torch.randn(n, 40)
             torch.testing.assert_close(_linear(x, w3, b3), F.linear(x, w, b))
             torch.testing.assert_close(_linear(x, w3, None), F.linear(x, w))
+
+
+def test_the_lm_head_is_split_in_vocabulary_slices_and_still_equals_f_linear():
+    """The LM head runs in slices of at most 512 vocabulary rows (weights.head_groups); a
+    vocabulary with no such divisor keeps the layers' split."""
+    assert [head_groups(v, 2) for v in (49152, 128256, 32000, 256, 50257)] == [96, 256, 64, 4, 1]
+    torch.manual_seed(0)
+    w = torch.randn(49152, 8)
+    w3, _ = split_weight(w, None, 2, head_groups(49152, 2))
+    assert w3.shape == (96, 8, 512) and w3.data_ptr() == w.data_ptr()
+    for n in (1, 4, 16):
+        x = torch.randn(n, 8)
+        torch.testing.assert_close(_linear(x, w3, None), F.linear(x, w))
