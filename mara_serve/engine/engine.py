@@ -391,6 +391,7 @@ class LLMEngine:
                     outs.append(self._output(seq, [trace.token_id], [trace]))
                     continue
                 outs.append(self._output(seq, [trace.token_id], [trace], num_new=1))
+                seq.sent_ahead = trace
             planned[id(seq)] = row
         # Release the ended rows now, so the forward runs over dense slots 0..R-1 (a view of
         # the cache, not a gather of the rows' K/V in every layer).
@@ -420,6 +421,7 @@ class LLMEngine:
         for seq, row, res in results:
             if row.trace is not None:  # already sent (`_plan`): record it, report only faults
                 seq.append(row.trace.token_id, row.trace, accepted=True)
+                seq.sent_ahead = None
                 if isinstance(res, Exception):
                     outs.append(self._failed(seq, res))
                 continue
@@ -489,6 +491,8 @@ class LLMEngine:
         a way the engine could not isolate). Waiting requests stay queued."""
         outs = []
         for seq in self.running:
+            if seq.sent_ahead is not None:  # sent before the forward that failed: it counts
+                seq.append(seq.sent_ahead.token_id, seq.sent_ahead, accepted=True)
             seq.finish_reason = "error"
             outs.append(self._final_output(seq, [], [], error=error))
         self.running.clear()

@@ -39,6 +39,8 @@ class Sequence:
         # The candidate rounds of a token not decided yet (step.py's `StepRow`); None between
         # tokens.
         self.undecided = None
+        # A plain token sent before this step's forward and not recorded yet (engine `_plan`).
+        self.sent_ahead: TokenTrace | None = None
 
     @property
     def kv_length(self) -> int:

@@ -232,3 +232,20 @@ def test_generate_refuses_an_engine_an_async_engine_drives(tiny_lm):
     AsyncEngine(engine)  # wires `on_decided`: generate() would lose the early outputs
     with pytest.raises(RuntimeError, match="AsyncEngine"):
         engine.generate([Request("r", PROMPTS[0], SamplingParams(max_new_tokens=2))])
+
+
+def test_a_step_failing_after_its_tokens_went_out_still_counts_them(tiny_lm):
+    """A step that raises past the engine's isolation (the server then fails the running
+    requests) has already sent its plain tokens: the error output counts them."""
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=2))
+    sent = []
+    engine.on_decided = sent.extend
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0.0)
+    engine.add_request(Request("r", PROMPTS[0], params))
+    engine.step()
+    engine.step()
+    engine._decode = lambda plan: (_ for _ in ()).throw(RuntimeError("unisolated fault"))
+    with pytest.raises(RuntimeError):
+        engine.step()
+    (final,) = engine.fail_running("engine step failed: RuntimeError")
+    assert sum(len(o.new_token_ids) for o in sent) == 3 == final.num_generated_tokens
