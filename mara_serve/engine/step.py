@@ -232,16 +232,20 @@ def decode_step(
     # Keep only the chosen candidates' K/V; the LM head runs on the chosen states only.
     runner.commit([seqs[i].slot for i in decided], [seqs[i].length for i in decided],
                   [rows[i].chosen for i in decided])  # fmt: skip
-    logits = runner.logits(torch.stack([chosen_hidden[i] for i in decided])) if decided else None
+    # a row whose token ends it needs no next logits (it leaves the batch after this step)
+    going_on = [i for i in decided
+                if seqs[i].finish_reason_after(rows[i].cands[rows[i].chosen]) is None]  # fmt: skip
+    logits = runner.logits(torch.stack([chosen_hidden[i] for i in going_on])) if going_on else None
+    next_logits = {i: logits[j] for j, i in enumerate(going_on)} if logits is not None else {}
     traces: list[TokenTrace | None] = [None] * len(seqs)
     for i, row in enumerate(rows):  # only now the step has succeeded: store the rows' state
         if row.chosen is None and row.rank0_hidden is not None:
             row.rank0_hidden = row.rank0_hidden.clone()  # not a view holding the whole round
         seqs[i].undecided = None if row.chosen is not None else row
-    for j, i in enumerate(decided):
+    for i in decided:
         s, row = seqs[i], rows[i]
         traces[i] = token_trace(s, row)
-        s.next_logits = logits[j]
+        s.next_logits = next_logits.get(i)
         if row.needs_agent:
             s.rank0_rate = 0.8 * s.rank0_rate + 0.2 * (row.chosen == 0 and not row.fallback)
             s.fallback_rate = 0.8 * s.fallback_rate + 0.2 * row.fallback

@@ -249,3 +249,14 @@ def test_a_step_failing_after_its_tokens_went_out_still_counts_them(tiny_lm):
         engine.step()
     (final,) = engine.fail_running("engine step failed: RuntimeError")
     assert sum(len(o.new_token_ids) for o in sent) == 3 == final.num_generated_tokens
+
+
+def test_a_mara_row_ending_on_its_token_runs_no_lm_head_for_it(tiny_lm, agents):
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=2))
+    heads, logits = [], engine.runner.logits
+    engine.runner.logits = lambda hidden: heads.append(hidden.shape[0]) or logits(hidden)
+    req = Request("m", PROMPTS[0], SamplingParams(max_new_tokens=3, ignore_eos=True),
+                  agents["half"])  # fmt: skip
+    got = engine.generate([req])["m"][0]
+    assert got == reference(tiny_lm, req)
+    assert heads == [1, 1, 1]  # the prefill's and the first two tokens': none for the last
