@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ class EngineConfig:
     rest_at_once: bool | None = None
     # Rows whose agent keeps accepting the top-1 try it alone first (None: on for CPU only).
     probe_top1: bool | None = None
+    # A new request starts from its agent's recent rates (top-1 accepted, all rejected) instead
+    # of neutral ones, so its first tokens already get the agent's usual round sizes (e.g. the
+    # top-1 alone). Training turns it off, like `defer_undecided` (the recipe's call order).
+    agent_priors: bool = True
     # One forward per step: a row whose candidates were all rejected goes on in the next step
     # (step.py) instead of holding every other row for another round. Training turns it off:
     # its episode agents share one random generator, so the order of their calls (which this
@@ -111,6 +116,9 @@ class LLMEngine:
         self._accepting = True
         self.running: list[Sequence] = []
         self.num_steps = 0
+        # Each agent's recent (rank0_rate, fallback_rate) over all its rows (`agent_priors`);
+        # weak keys: an agent swapped out of the registry is forgotten with it.
+        self._agent_rates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # Receives a step's outputs known before its forward (`step`); None: step returns them.
         self.on_decided: Callable[[list[RequestOutput]], None] | None = None
 
@@ -257,6 +265,8 @@ class LLMEngine:
         for request in admitted:
             seq = Sequence(request, len(self.running) + len(seqs), self.lm.eos_token_ids,
                            self.lm.device)  # fmt: skip
+            if self.config.agent_priors and request.agent in self._agent_rates:
+                seq.rank0_rate, seq.fallback_rate = self._agent_rates[request.agent]
             seq.first_scheduled_time = time.monotonic()
             seqs.append(seq)
             key = tuple(request.prompt_token_ids)
@@ -428,6 +438,8 @@ class LLMEngine:
             if isinstance(res, Exception):
                 outs.append(self._failed(seq, res))
             elif res is not None:  # None: undecided, its next candidates go into the next step
+                if seq.agent is not None and res.num_candidates > 1:
+                    self._agent_rates[seq.agent] = (seq.rank0_rate, seq.fallback_rate)
                 outs.append(self._appended(seq, res))
         for seq in [s for s in self.running if s.finish_reason is not None]:
             self._release(seq)

@@ -111,6 +111,7 @@ class Trainer:
                 max_waiting=max(256, cfg.episodes_per_iter),
                 chunk_size=cfg.chunk_size,
                 defer_undecided=False,  # the episodes' agent calls in the recipe's order
+                agent_priors=False,
             ),
         )
         lengths = cfg.episode_lengths or (cfg.max_new_tokens,)

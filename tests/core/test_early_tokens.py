@@ -260,3 +260,24 @@ def test_a_mara_row_ending_on_its_token_runs_no_lm_head_for_it(tiny_lm, agents):
     got = engine.generate([req])["m"][0]
     assert got == reference(tiny_lm, req)
     assert heads == [1, 1, 1]  # the prefill's and the first two tokens': none for the last
+
+
+def test_a_new_request_starts_from_its_agents_recent_rates(tiny_lm, agents):
+    """`agent_priors`: after an agent has accepted the top-1 again and again, the next request
+    of that agent probes the top-1 alone from its first token (neutral rates: a chunk of 4)."""
+
+    def first_rounds(priors: bool) -> list[int]:
+        engine = LLMEngine(tiny_lm, EngineConfig(max_running=1, agent_priors=priors))
+        sizes, score = [], engine.runner.score
+        engine.runner.score = lambda *a: sizes.append(len(a[2])) or score(*a)
+        params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+        firsts = []
+        for i in range(2):
+            req = Request(str(i), PROMPTS[i], params, agents["accept"])
+            sizes.clear()
+            assert engine.generate([req])[str(i)][0] == reference(tiny_lm, req)
+            firsts.append(sizes[0])
+        return firsts
+
+    assert first_rounds(priors=False) == [4, 4]
+    assert first_rounds(priors=True) == [4, 1]
