@@ -306,18 +306,27 @@ class LLMEngine:
     def _pop_admissible(self) -> list[Request]:
         """Waiting requests for the free slots, within `max_prefill_tokens` of tokens actually
         prefilled: a prompt's cached prefix costs nothing, nor does a prompt identical to one
-        already taken; the first request is always taken."""
+        already taken; the first request is always taken. A prompt-only request
+        (max_new_tokens 0, `_prompt_only`) takes neither a slot nor budget."""
         taken: list[Request] = []
         keys: set[tuple[int, ...]] = set()
         budget = self.config.max_prefill_tokens
+        free = self.max_running - len(self.running)
         with self._lock:
-            while self._waiting and len(self.running) + len(taken) < self.max_running:
-                ids = self._waiting[0].prompt_token_ids
+            while self._waiting:
+                request = self._waiting[0]
+                if request.params.max_new_tokens == 0:
+                    taken.append(self._waiting.popleft())
+                    continue
+                if free == 0:
+                    break
+                ids = request.prompt_token_ids
                 key = tuple(ids)
                 cost = 0 if key in keys else len(ids) - self.prefix_cache.cached_tokens(ids)
                 if cost > budget and budget < self.config.max_prefill_tokens:
                     break  # this step's prefill budget is spent; the next step takes it
                 budget -= cost
+                free -= 1
                 keys.add(key)
                 taken.append(self._waiting.popleft())
         return taken

@@ -321,3 +321,17 @@ def test_the_lm_head_is_split_in_vocabulary_slices_and_still_equals_f_linear():
     for n in (1, 4, 16):
         x = torch.randn(n, 8)
         torch.testing.assert_close(_linear(x, w3, None), F.linear(x, w))
+
+
+def test_a_prompt_only_request_needs_no_free_slot(tiny_lm):
+    """max_new_tokens 0 (completions' echo scoring): answered at the next step even while
+    every slot is taken, without a prefill."""
+    engine = LLMEngine(tiny_lm, EngineConfig(max_running=1))
+    engine.add_request(Request("long", [0, 1, 2], SamplingParams(max_new_tokens=20)))
+    engine.step()
+    prefills, prefill = [], engine.runner.prefill
+    engine.runner.prefill = lambda *a, **k: prefills.append(1) or prefill(*a, **k)
+    engine.add_request(Request("score", [3, 4, 5], SamplingParams(max_new_tokens=0)))
+    (out,) = [o for o in engine.step() if o.request_id == "score"]
+    assert out.finished and out.finish_reason == "length" and out.new_token_ids == []
+    assert out.num_prompt_tokens == 3 and prefills == [] and engine.num_running == 1
