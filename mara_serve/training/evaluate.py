@@ -156,7 +156,9 @@ def generate_samples(lm: LoadedModel, agent: Agent, cfg: EvalConfig) -> tuple[li
     engine = LLMEngine(
         lm,
         EngineConfig(
-            max_running=cfg.batch_size, max_waiting=len(todo) + 1, chunk_size=cfg.chunk_size,
+            max_running=cfg.batch_size,
+            max_waiting=len(todo) + 1,
+            chunk_size=cfg.chunk_size,
             agent_priors=False,  # each answer's rounds independent of the answers before it
         ),
     )

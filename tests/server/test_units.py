@@ -233,3 +233,11 @@ def test_streamed_text_under_tools_goes_out_at_once_and_calls_are_held() -> None
     assert stream_calls([other]) == ([other], None)
     # a forced call holds even text that could never be one
     assert stream_calls(["Hello", " there"], forced=True) == (["", "Hello there"], None)
+
+
+def test_a_bare_call_after_streamed_text_is_content_as_in_a_whole_reply() -> None:
+    from mara_serve.server.serving.tools import split_calls
+
+    # the call arrives in the last piece, after text went out: not a call, as split_calls says
+    assert stream_calls(["Sure: ", CALL]) == (["Sure: ", CALL], None)
+    assert split_calls("Sure: " + CALL, WEATHER_TOOL) == ("Sure: " + CALL, None)

@@ -135,17 +135,18 @@ class CallStream:
 
     def __init__(self, tools: list[dict[str, Any]], forced: bool):
         self.tools = tools
-        self.forced = forced  # a constrained call: hold everything
         self.held = ""  # text not sent yet
-        self.call_started = forced  # held text begins a call: hold it to the end
+        self.call_started = forced  # held text begins a call (or is forced to): hold to the end
         self.sent_any = False  # a bare JSON call must be the whole answer
 
     def feed(self, text: str, finished: bool) -> tuple[str, list[dict[str, Any]] | None]:
         self.held += text
-        if finished:
+        if finished:  # the same split as a whole reply's (`split_calls`)
             held, self.held = self.held, ""
-            calls = parse_calls(held, self.tools) if held.strip() else None
-            return ("", calls) if calls else (held, None)
+            if self.sent_any and _TAG not in held:
+                return held, None  # a bare call must be the whole answer
+            content, calls = split_calls(held, self.tools)
+            return (content, calls) if calls else (held, None)
         if self.call_started:
             return "", None
         stripped = self.held.lstrip()
