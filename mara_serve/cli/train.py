@@ -98,9 +98,12 @@ def add_parser(sub) -> None:  # sub: the `mara` parser's subparsers
     )
     s.add_argument(
         "--guide-text",
+        nargs="+",
         default=None,
+        metavar="TEXT",
         help="guided exploration: steer a share of episodes toward this opening, among the "
-        "model's own candidates (e.g. a refusal; the reward judges it)",
+        "model's own candidates (e.g. a refusal; the reward judges it); several texts are "
+        "alternatives — the guide follows whichever the model's candidates continue",
     )
     s.add_argument(
         "--guide-fraction",
@@ -114,6 +117,17 @@ def add_parser(sub) -> None:  # sub: the `mara` parser's subparsers
         default="none",
         help="prompt: subtract the mean reward of the prompt's other episodes (--repeats > 1)",
     )
+    d = t.add_argument_group("demonstrations (before SAC)")
+    d.add_argument(
+        "--demonstrations", type=int, default=0, metavar="N",
+        help="demonstrate N prompts first: the model's own greedy answer vs a --guide-text "
+        "episode, the reward keeps the better; the actor is fitted to the kept ones and both "
+        "seed the replay buffer (0: plain SAC)",
+    )  # fmt: skip
+    d.add_argument("--demo-min-reward", type=float, default=0.0,
+                   help="keep a prompt's better episode only from this reward up")  # fmt: skip
+    d.add_argument("--bc-epochs", type=int, default=8, help="behaviour-cloning epochs")
+    d.add_argument("--bc-lr", type=float, default=1e-3, help="behaviour-cloning learning rate")
     s.add_argument("--kl-coef", type=float, default=0.1, help="KL(agent ‖ LLM) shaping")
     s.add_argument(
         "--propagate",
@@ -168,7 +182,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         episodes_per_iter=args.episodes_per_iter,
         repeats=args.repeats,
         reward_baseline=args.reward_baseline,
-        guide_text=args.guide_text,
+        guide_text=_guide(args.guide_text),
         guide_fraction=args.guide_fraction,
         max_new_tokens=args.max_new_tokens,
         episode_lengths=_lengths(args.episode_lengths),
@@ -183,6 +197,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         benign_fraction=args.benign_fraction,
         harm_filter=args.harm_filter,
         max_prompt_tokens=args.max_prompt_tokens,
+        demonstrations=args.demonstrations,
+        demo_min_reward=args.demo_min_reward,
+        bc_epochs=args.bc_epochs,
+        bc_lr=args.bc_lr,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         resume=args.resume,
@@ -218,3 +236,10 @@ def _lengths(text: str | None) -> tuple[int, ...] | None:
     if not lengths or min(lengths) < 1:
         raise SystemExit("error: --episode-lengths: at least one length, each >= 1")
     return lengths
+
+
+def _guide(texts: list[str] | None) -> str | tuple[str, ...] | None:
+    """One text stays a string (as older run configs record it); several are a tuple."""
+    if not texts:
+        return None
+    return texts[0] if len(texts) == 1 else tuple(texts)

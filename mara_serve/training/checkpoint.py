@@ -30,7 +30,7 @@ CARD_HYPERPARAMETERS = (
     "episodes_per_iter", "repeats", "max_new_tokens", "episode_lengths", "top_k", "top_p",
     "chunk_size", "kl_coef", "propagate", "reward_baseline", "guide_text", "guide_fraction",
     "warmup", "buffer_size", "updates_per_episode", "benign_fraction", "harm_filter",
-    "max_prompt_tokens", "seed",
+    "max_prompt_tokens", "demonstrations", "demo_min_reward", "bc_epochs", "bc_lr", "seed",
 )  # fmt: skip
 
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -66,9 +66,10 @@ _EPS = 1e-6
 class EpisodeAgent:
     """Stochastic per-episode view of the shared actor (see the module doc).
 
-    With a `guide` text the episode is steered toward that opening (guided exploration): while
-    the guide lasts, the agent rejects candidates until the first one whose text continues the
-    guide and accepts it; once no candidate continues it (or it is used up), the agent samples
+    With a `guide` text (or several alternative texts) the episode is steered toward that
+    opening (guided exploration): while the guide lasts, the agent rejects candidates until the
+    first one whose text continues an alternative and accepts it; once no candidate continues
+    any (or one is used up), the agent samples
     from the actor as usual. The steering only ever picks among the model's own candidates,
     so a guided answer is one the agent could learn to produce; SAC learns off-policy from it,
     and the reward alone says whether it was good (a refusal guide on a benign prompt is
@@ -84,13 +85,15 @@ class EpisodeAgent:
         network: AgentNetwork,
         hidden_size: int,
         generator: torch.Generator,
-        guide: str | None = None,
+        guide: str | Sequence[str] | None = None,
         token_text: Callable[[int], str] | None = None,
     ):
         self.network, self.hidden_size, self.generator = network, hidden_size, generator
         self.name = "mara-train-episode"
         self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.guide = guide or None  # what is left of the guide text
+        texts = [guide] if isinstance(guide, str) else list(guide or ())
+        # what is left of each alternative guide text still consistent with the answer
+        self.guide: list[str] | None = [t for t in texts if t] or None
         self.token_text = token_text
         self.guided_tokens = 0
 
@@ -111,26 +114,44 @@ class EpisodeAgent:
         if match is None:  # the model offers no way on: the guide ends here
             self.guide = None
             return actions
-        rank, end = match
+        rank, rest = match
         steered = torch.zeros_like(actions)
         if offset <= rank < offset + len(actions):  # else: in a later chunk, reject this one
             steered[rank - offset] = 1.0
-            self.guide = self.guide[end:] or None
-            self.guided_tokens += 1
+            self._advance(rest)
         return steered
 
-    def _match(self, cands: list[int]) -> tuple[int, int] | None:
-        """(rank, end of the matched text in the guide) of the best candidate continuing it:
-        the most probable one that starts the guide, else one within GUIDE_SLACK characters."""
-        found = None
+    def _advance(self, rest: list[str]) -> None:
+        """The matched candidate was emitted: keep the alternatives it continued, what is left
+        of each; the guide is done once one of them is used up."""
+        self.guide = None if not all(rest) else rest
+        self.guided_tokens += 1
+
+    def _match(self, cands: list[int]) -> tuple[int, list[str]] | None:
+        """(rank, what is left of each alternative it continues) of the best candidate: the
+        most probable one that continues an alternative up to a word boundary (" sorry", not
+        " so", when both are offered), else the most probable one that continues one, else one
+        that continues one within GUIDE_SLACK characters."""
+        exact: list[tuple[int, list[str]]] = []
+        near = None
         for rank, c in enumerate(cands):
             text = self.token_text(c) if self.token_text else ""
-            pos = self.guide.find(text) if text.strip() else -1
-            if pos == 0:
-                return rank, len(text)
-            if 0 < pos <= self.GUIDE_SLACK and found is None:
-                found = (rank, pos + len(text))
-        return found
+            if not text.strip():
+                continue
+            rest, rest_near = [], []
+            for g in self.guide or ():
+                pos = g.find(text)
+                if pos == 0:
+                    rest.append(g[len(text) :])
+                elif 0 < pos <= self.GUIDE_SLACK:
+                    rest_near.append(g[pos + len(text) :])
+            if rest:
+                if any(not r or not r[0].isalnum() for r in rest):
+                    return rank, rest  # whole words: the best there is
+                exact.append((rank, rest))
+            elif rest_near and near is None:
+                near = (rank, rest_near)
+        return exact[0] if exact else near
 
 
 @dataclass
@@ -225,13 +246,19 @@ def collect_episodes(
     params: SamplingParams | list[SamplingParams],
     generator: torch.Generator,
     decode: Callable[[list[int]], str],
-    guides: list[str | None] | None = None,
+    guides: list[str | Sequence[str] | None] | None = None,
 ) -> list[Episode]:
     """Run one stochastic episode per prompt, all batched in `engine`. `params`: one for all
     or one per episode (mixed lengths); `decode(ids) -> str`; `guides`: an optional guide
     text per episode (EpisodeAgent)."""
     guides = guides or [None] * len(prompts)
-    per_episode = params if isinstance(params, list) else [params] * len(prompts)
+    token_text = token_texts(decode)
+    agents = [EpisodeAgent(actor, engine.lm.hidden_size, generator, g, token_text) for g in guides]
+    return [e for e in run_episodes(engine, prompts, prompt_ids, params, agents, decode) if e]
+
+
+def token_texts(decode: Callable[[list[int]], str]) -> Callable[[int], str]:
+    """A memoised one-token decoder for the agents' guide matching."""
     texts: dict[int, str] = {}
 
     def token_text(t: int) -> str:
@@ -239,22 +266,37 @@ def collect_episodes(
             texts[t] = decode([t])
         return texts[t]
 
-    agents = [EpisodeAgent(actor, engine.lm.hidden_size, generator, g, token_text) for g in guides]
+    return token_text
+
+
+def run_episodes(
+    engine: LLMEngine,
+    prompts: list[Prompt],
+    prompt_ids: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    agents: list[EpisodeAgent],
+    decode: Callable[[list[int]], str],
+) -> list[Episode | None]:
+    """One episode per (prompt, agent), all batched in `engine`, in order; None where the
+    engine failed the episode or its agent calls do not match its traces (logged)."""
+    per_episode = params if isinstance(params, list) else [params] * len(prompts)
     requests = [
         Request(f"episode-{i}", ids, sp, agent)  # type: ignore[arg-type]
         for i, (ids, agent, sp) in enumerate(zip(prompt_ids, agents, per_episode, strict=True))
     ]
     results = engine.generate(requests)
-    episodes = []
+    episodes: list[Episode | None] = []
     for prompt, request, agent in zip(prompts, requests, agents, strict=True):
         ids, traces, reason = results[request.request_id]
         if reason == "error":
             log.warning("episode for %r failed in the engine; skipped", prompt.text[:60])
+            episodes.append(None)
             continue
         try:
             decisions = align_decisions(traces, agent.calls)
         except AlignmentError as e:
             log.warning("episode for %r skipped: %s", prompt.text[:60], e)
+            episodes.append(None)
             continue
         episodes.append(Episode(prompt, ids, decode(ids), reason, decisions, agent.guided_tokens))
     return episodes

@@ -13,6 +13,7 @@ to `episodes` (which may be raised to train longer), exactly as if the run had n
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -27,7 +28,19 @@ from mara_serve.engine.loading import LoadedModel, ModelConfig, load_model, rend
 from mara_serve.engine.sampling import SamplingParams
 from mara_serve.training.checkpoint import RunDir, build_card
 from mara_serve.training.data import PromptSampler, training_prompts
-from mara_serve.training.episodes import collect_episodes, concat, episode_transitions
+from mara_serve.training.demonstrations import (
+    DemoAgent,
+    behaviour_clone,
+    choose,
+    demonstration_pairs,
+)
+from mara_serve.training.episodes import (
+    collect_episodes,
+    concat,
+    episode_transitions,
+    run_episodes,
+    token_texts,
+)
 from mara_serve.training.metrics import MetricsLog, episode_stats
 from mara_serve.training.plots import plot_training
 from mara_serve.training.replay import ReplayBuffer
@@ -49,7 +62,8 @@ class TrainConfig:
     episodes_per_iter: int = 32  # episodes decoded together in one engine batch
     repeats: int = 1  # episodes per drawn prompt (the authors' repeat_cnt); one shared prefill
     reward_baseline: str = "none"  # "prompt": R minus the mean R of the prompt's other episodes
-    guide_text: str | None = None  # guided exploration toward this opening (EpisodeAgent)
+    # guided exploration toward this opening, or any of several alternatives (EpisodeAgent)
+    guide_text: str | tuple[str, ...] | None = None
     guide_fraction: float = 0.25  # share of each prompt's `repeats` episodes that are guided
     max_new_tokens: int = 512  # the paper's; a refusal is decided in the first tokens
     # Mixed episode lengths: each episode's max_new_tokens drawn from these (seeded), so the
@@ -66,6 +80,12 @@ class TrainConfig:
     benign_fraction: float = 0.5
     harm_filter: str = "keywords"
     max_prompt_tokens: int = 512
+    # Reward-filtered demonstrations (demonstrations.py): prompts demonstrated before SAC, the
+    # actor fitted to them for `bc_epochs`; 0: none (the paper's plain SAC).
+    demonstrations: int = 0
+    demo_min_reward: float = 0.0  # keep a prompt's better episode only from this reward up
+    bc_epochs: int = 8
+    bc_lr: float = 1e-3
     checkpoint_every: int = 10  # iterations
     seed: int = 0
     resume: bool = False
@@ -121,6 +141,7 @@ class Trainer:
         self.length_gen = random.Random(cfg.seed + 3)
         self.metrics = MetricsLog(self.out)
         self.iteration = self.episodes_done = 0
+        self.demo_summary: dict | None = None  # set once the demonstrations are done
         self.elapsed = 0.0  # training wall time over all sessions of this run
         self._prompt_ids: dict[str, list[int] | None] = {}
         if cfg.resume:
@@ -146,17 +167,11 @@ class Trainer:
         of each group guided by `guide_text`."""
         cfg = self.cfg
         guided = round(cfg.guide_fraction * cfg.repeats) if cfg.guide_text else 0
-        prompts, ids, guides = [], [], []
-        for _ in range(100 * n):  # skip prompts longer than max_prompt_tokens
-            if len(prompts) >= n:
-                break
-            p = self.sampler.sample(1)[0]
-            if (x := self._ids(p.text)) is not None:
-                prompts += [p] * cfg.repeats
-                ids += [x] * cfg.repeats
-                guides += [cfg.guide_text if j < guided else None for j in range(cfg.repeats)]
-        if not prompts:
-            raise TrainingError(f"no prompt fits max_prompt_tokens={cfg.max_prompt_tokens}")
+        drawn, drawn_ids = self._draw_prompts(-(-n // cfg.repeats))
+        prompts = [p for p in drawn for _ in range(cfg.repeats)]
+        ids = [x for x in drawn_ids for _ in range(cfg.repeats)]
+        guides = [cfg.guide_text if j < guided else None
+                  for _ in drawn for j in range(cfg.repeats)]  # fmt: skip
         return prompts[:n], ids[:n], guides[:n]
 
     # ---- the loop -----------------------------------------------------------------------
@@ -174,6 +189,9 @@ class Trainer:
                 dynamic_ncols=True,
                 desc="mara train",
             )
+        if cfg.demonstrations and self.demo_summary is None:
+            self.demonstrate()
+            self.save_checkpoint()  # a resumed run does not demonstrate again
         try:
             while self.episodes_done < cfg.episodes:
                 row = self.train_iteration(
@@ -243,6 +261,83 @@ class Trainer:
         self.metrics.append_samples(self.iteration, episodes, rewards)
         return row
 
+    # ---- demonstrations (demonstrations.py) ----------------------------------------------
+
+    def demonstrate(self) -> dict:
+        """Demonstrate `cfg.demonstrations` prompts (own vs guided episode, the reward picks),
+        fit the actor to the kept ones, and seed the replay buffer with both episodes."""
+        cfg, t0 = self.cfg, time.monotonic()
+        if not cfg.guide_text:
+            raise TrainingError("--demonstrations needs --guide-text (the guided episode)")
+        tok = self.lm.tokenizer
+        decode = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
+        token_text = token_texts(decode)
+        per_batch = max(1, cfg.episodes_per_iter // 2)
+        kept, held, counts = [], [], {"own": 0, "guided": 0, "none": 0, "failed": 0}
+        blocks, records, drawn = [], [], 0
+        while drawn < cfg.demonstrations:
+            prompts, ids = self._draw_prompts(min(per_batch, cfg.demonstrations - drawn))
+            params = [self.length_gen.choice(self.params) for _ in prompts]
+            agents = [DemoAgent(self.lm.hidden_size, g, token_text, self.lm.eos_token_ids)
+                      for _ in prompts for g in (None, cfg.guide_text)]  # fmt: skip
+            episodes = run_episodes(
+                self.engine, [p for p in prompts for _ in (0, 1)],
+                [x for x in ids for _ in (0, 1)], [sp for sp in params for _ in (0, 1)],
+                agents, decode,
+            )  # fmt: skip
+            for j in range(len(prompts)):
+                own, guided = episodes[2 * j], episodes[2 * j + 1]
+                if own is None or guided is None:
+                    counts["failed"] += 1
+                    continue
+                r_own, r_guided = self.reward.score_batch(
+                    [own.prompt, guided.prompt], [own.response, guided.response]
+                )
+                pick = choose(r_own, r_guided, cfg.demo_min_reward)
+                counts[pick or "none"] += 1
+                records.append({"prompt": own.prompt.text, "label": own.prompt.label,
+                                "own": own.response, "own_reward": r_own,
+                                "guided": guided.response, "guided_reward": r_guided,
+                                "kept": pick})  # fmt: skip
+                if pick is not None:
+                    kept.append(own if pick == "own" else guided)
+                    held.append((drawn + j) % 10 == 9)  # every tenth prompt validates
+                # both are valid experience for the critics, centred on the own answer
+                for ep, r in ((own, r_own), (guided, r_guided - r_own)):
+                    if b := episode_transitions(ep, r, cfg.kl_coef, cfg.sac.gamma, cfg.propagate):
+                        blocks.append(b)
+            drawn += len(prompts)
+            log.info("demonstrations: %d / %d prompts %s", drawn, cfg.demonstrations, counts)
+        if blocks:
+            self.replay.add(concat(blocks))
+        pairs = demonstration_pairs(kept, held)
+        if pairs is None:
+            raise TrainingError("no demonstration reached --demo-min-reward; nothing to clone")
+        fit = behaviour_clone(self.sac.actor, pairs, cfg.bc_epochs, cfg.bc_lr,
+                              cfg.sac.batch_size, self.batch_gen, cfg.sac.grad_clip)  # fmt: skip
+        self.demo_summary = {"prompts": drawn, "kept": counts, "behaviour_cloning": fit,
+                             "time_s": round(time.monotonic() - t0, 1)}  # fmt: skip
+        self.elapsed += time.monotonic() - t0
+        log.info("behaviour cloning: %s", fit)
+        (self.out / "demonstrations.json").write_text(json.dumps(self.demo_summary, indent=2))
+        with open(self.out / "demonstrations.jsonl", "w") as f:  # what was demonstrated
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        return self.demo_summary
+
+    def _draw_prompts(self, n: int) -> tuple[list, list[list[int]]]:
+        """n distinct draws (prompts longer than max_prompt_tokens skipped)."""
+        prompts, ids = [], []
+        for _ in range(100 * n):
+            if len(prompts) >= n:
+                break
+            p = self.sampler.sample(1)[0]
+            if (x := self._ids(p.text)) is not None:
+                prompts.append(p)
+                ids.append(x)
+        if not prompts:
+            raise TrainingError(f"no prompt fits max_prompt_tokens={self.cfg.max_prompt_tokens}")
+        return prompts, ids
+
     # ---- checkpoints --------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
@@ -255,6 +350,7 @@ class Trainer:
             "iteration": self.iteration,
             "episodes": self.episodes_done,
             "elapsed": self.elapsed,
+            "demonstrations": json.dumps(self.demo_summary),  # a string: weights_only loads
             "hidden_size": self.lm.hidden_size,
             "inner_dim": self.cfg.sac.inner_dim,
         }
@@ -286,6 +382,7 @@ class Trainer:
             self.length_gen.setstate(state["length_gen"])
         self.iteration, self.episodes_done = state["iteration"], state["episodes"]
         self.elapsed = state["elapsed"]
+        self.demo_summary = json.loads(state.get("demonstrations", "null"))
         if replay is not None:
             self.replay.load_state_dict(replay)
         self.metrics.truncate(self.iteration)
@@ -305,5 +402,7 @@ class Trainer:
         }
         extra = {"data": self.data_summary, "reward": self.reward.describe(),
                  "training": training}  # fmt: skip
+        if self.demo_summary is not None:
+            extra["demonstrations"] = self.demo_summary
         card = build_card(self.cfg, self.lm.name, self.lm.hidden_size, extra)
         return self.run_dir.export_agent(self.sac.actor, card)
