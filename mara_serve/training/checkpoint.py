@@ -89,6 +89,14 @@ def build_card(cfg, base_model: str, hidden_size: int, extra: dict[str, Any]) ->
         hidden_size=hidden_size,
         inner_dim=cfg.sac.inner_dim,
         base_model=base_model,
-        description=f"MARA agent trained with `mara train` (discrete SAC) on {base_model}",
+        description=f"MARA agent trained with `mara train` ({_method(cfg)}) on {base_model}",
         extra={**extra, "hyperparameters": hyper, "command": cfg.command},
     )
+
+
+def _method(cfg) -> str:
+    if not getattr(cfg, "demonstrations", 0):
+        return "discrete SAC"
+    if cfg.episodes == 0:
+        return "reward-filtered demonstrations, behaviour cloning"
+    return "reward-filtered demonstrations, then discrete SAC"
