@@ -274,7 +274,7 @@ class Trainer:
         token_text = token_texts(decode)
         per_batch = max(1, cfg.episodes_per_iter // 2)
         kept, held, counts = [], [], {"own": 0, "guided": 0, "none": 0, "failed": 0}
-        blocks, records, drawn = [], [], 0
+        records, drawn = [], 0
         while drawn < cfg.demonstrations:
             prompts, ids = self._draw_prompts(min(per_batch, cfg.demonstrations - drawn))
             params = [self.length_gen.choice(self.params) for _ in prompts]
@@ -285,14 +285,16 @@ class Trainer:
                 [x for x in ids for _ in (0, 1)], [sp for sp in params for _ in (0, 1)],
                 agents, decode,
             )  # fmt: skip
-            for j in range(len(prompts)):
-                own, guided = episodes[2 * j], episodes[2 * j + 1]
-                if own is None or guided is None:
-                    counts["failed"] += 1
-                    continue
-                r_own, r_guided = self.reward.score_batch(
-                    [own.prompt, guided.prompt], [own.response, guided.response]
-                )
+            both = [(j, episodes[2 * j], episodes[2 * j + 1]) for j in range(len(prompts))]
+            counts["failed"] += sum(own is None or guided is None for _, own, guided in both)
+            both = [(j, o, g) for j, o, g in both if o is not None and g is not None]
+            scores = self.reward.score_batch(  # one batch: own, guided, own, guided…
+                [e.prompt for _, own, guided in both for e in (own, guided)],
+                [e.response for _, own, guided in both for e in (own, guided)],
+            )
+            blocks = []
+            for (j, own, guided), r_own, r_guided in zip(both, scores[::2], scores[1::2],
+                                                          strict=True):  # fmt: skip
                 pick = choose(r_own, r_guided, cfg.demo_min_reward)
                 counts[pick or "none"] += 1
                 records.append({"prompt": own.prompt.text, "label": own.prompt.label,
@@ -306,10 +308,10 @@ class Trainer:
                 for ep, r in ((own, r_own), (guided, r_guided - r_own)):
                     if b := episode_transitions(ep, r, cfg.kl_coef, cfg.sac.gamma, cfg.propagate):
                         blocks.append(b)
+            if blocks:
+                self.replay.add(concat(blocks))
             drawn += len(prompts)
             log.info("demonstrations: %d / %d prompts %s", drawn, cfg.demonstrations, counts)
-        if blocks:
-            self.replay.add(concat(blocks))
         pairs = demonstration_pairs(kept, held)
         if pairs is None:
             raise TrainingError("no demonstration reached --demo-min-reward; nothing to clone")
