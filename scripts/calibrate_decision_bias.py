@@ -25,13 +25,15 @@ give one `mara eval` does not use); `--exclude-jsonl` drops prompts the agent wa
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from mara_serve.engine.agent import CARD_FILE, WEIGHTS_FILE, Agent, load_agent
+from mara_serve.engine.agent import ACCEPT, Agent, load_agent, save_agent
 from mara_serve.engine.engine import EngineConfig, LLMEngine
 from mara_serve.engine.loading import ModelConfig, load_model, render_chat
 from mara_serve.engine.request import Request
@@ -57,10 +59,10 @@ def dev_prompts(files, split, exclude_n, seed, per_file, seen: set[str]) -> list
 
 
 def biased(agent: Agent, bias: float) -> Agent:
-    net = type(agent.network)(agent.card.hidden_size, agent.card.inner_dim)
-    net.load_state_dict(agent.network.state_dict())
+    """A copy of `agent` with `bias` added to its accept logit."""
+    net = copy.deepcopy(agent.network)
     with torch.no_grad():
-        net.output_linear.bias[1] += bias
+        net.output_linear.bias[ACCEPT] += bias
     return Agent(net, agent.card, agent.source)
 
 
@@ -87,17 +89,10 @@ def main() -> None:
     agent_dir = Path(args.agent)
     if args.write is not None:
         agent = load_agent(agent_dir)
-        with torch.no_grad():
-            agent.network.output_linear.bias[1] += args.write
-        from safetensors.torch import save_file
-
-        sd = agent.network.state_dict()
-        save_file({k: v.detach().float().contiguous() for k, v in sd.items()},
-                  str(agent_dir / WEIGHTS_FILE))  # fmt: skip
-        (agent_dir / WEIGHTS_FILE).chmod(0o644)
-        card = json.loads((agent_dir / CARD_FILE).read_text())
-        card["decision_bias"] = card.get("decision_bias", 0.0) + args.write
-        (agent_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        total = agent.card.extra.get("decision_bias", 0.0) + args.write
+        save_agent(biased(agent, args.write).network,
+                   replace(agent.card, extra={**agent.card.extra, "decision_bias": total}),
+                   agent_dir)  # fmt: skip
         print(f"added {args.write} to the accept logit of {agent_dir}")
         return
 

@@ -95,7 +95,7 @@ def build_card(cfg, base_model: str, hidden_size: int, extra: dict[str, Any]) ->
 
 
 def _method(cfg) -> str:
-    if not getattr(cfg, "demonstrations", 0):
+    if not cfg.demonstrations:
         return "discrete SAC"
     if cfg.episodes == 0:
         return "reward-filtered demonstrations, behaviour cloning"

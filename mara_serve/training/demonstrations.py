@@ -51,22 +51,17 @@ class DemoAgent(EpisodeAgent):
     @torch.no_grad()
     def accept_probs(self, states: torch.Tensor, candidates=None) -> torch.Tensor:
         states = states.float()
-        n = len(states)
         cands, offset = candidates[0]
+        # Unsteered choice: the top-1, or once a guide is over the earliest end token offered;
+        # while the guide continues, `_steer` replaces it with the guide's candidate.
         target = 0
-        if self.guide is not None:
-            match = self._match(cands)
-            if match is None:  # the model offers no way on: the guide ends here
-                self.guide = None
-            else:
-                target = match[0]
-                if offset <= target < offset + n:
-                    self._advance(match[1])
-        if self.guide is None and self.ending and target == 0:
+        if self.ending:
             target = next((r for r, c in enumerate(cands) if c in self.end_ids), 0)
-        actions = torch.zeros(n)
-        if offset <= target < offset + n:  # else: in a later chunk, reject this one
+        actions = torch.zeros(len(states))
+        if offset <= target < offset + len(states):  # else: in a later chunk, reject this one
             actions[target - offset] = 1.0
+        if self.guide is not None:
+            actions = self._steer(actions, cands, offset)
         self.calls.append((states.clone(), actions.clone(), actions.clone()))
         return actions
 

@@ -69,11 +69,10 @@ class EpisodeAgent:
     With a `guide` text (or several alternative texts) the episode is steered toward that
     opening (guided exploration): while the guide lasts, the agent rejects candidates until the
     first one whose text continues an alternative and accepts it; once no candidate continues
-    any (or one is used up), the agent samples
-    from the actor as usual. The steering only ever picks among the model's own candidates,
-    so a guided answer is one the agent could learn to produce; SAC learns off-policy from it,
-    and the reward alone says whether it was good (a refusal guide on a benign prompt is
-    penalised as over-refusal).
+    any (or one is used up), the agent samples from the actor as usual. The steering only ever
+    picks among the model's own candidates, so a guided answer is one the agent could learn to
+    produce; SAC learns off-policy from it, and the reward alone says whether it was good (a
+    refusal guide on a benign prompt is penalised as over-refusal).
     """
 
     fallback_last = True  # training-time rule: all rejected → the LAST candidate
@@ -254,7 +253,8 @@ def collect_episodes(
     guides = guides or [None] * len(prompts)
     token_text = token_texts(decode)
     agents = [EpisodeAgent(actor, engine.lm.hidden_size, generator, g, token_text) for g in guides]
-    return [e for e in run_episodes(engine, prompts, prompt_ids, params, agents, decode) if e]
+    episodes = run_episodes(engine, prompts, prompt_ids, params, agents, decode)
+    return [e for e in episodes if e is not None]
 
 
 def token_texts(decode: Callable[[list[int]], str]) -> Callable[[int], str]:

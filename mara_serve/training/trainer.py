@@ -161,6 +161,10 @@ class Trainer:
             self._prompt_ids[text] = ids if len(ids) <= self.cfg.max_prompt_tokens else None
         return self._prompt_ids[text]
 
+    def _decode(self, ids: list[int]) -> str:
+        """An answer's text, as the reward scores it."""
+        return self.lm.tokenizer.decode(ids, skip_special_tokens=True)
+
     def _draw(self, n: int):
         """n episodes: ceil(n / repeats) drawn prompts, each `repeats` times in a row (identical
         prompts admitted together share one prefill), the first `guide_fraction · repeats`
@@ -212,11 +216,10 @@ class Trainer:
     def train_iteration(self, n: int) -> dict:
         cfg, t0 = self.cfg, time.monotonic()
         prompts, ids, guides = self._draw(n)
-        tok = self.lm.tokenizer
         params = [self.length_gen.choice(self.params) for _ in prompts]
         episodes = collect_episodes(
-            self.engine, self.sac.actor, prompts, ids, params, self.action_gen,
-            lambda x: tok.decode(x, skip_special_tokens=True), guides,
+            self.engine, self.sac.actor, prompts, ids, params, self.action_gen, self._decode,
+            guides,
         )  # fmt: skip
         t1 = time.monotonic()
         rewards = self.reward.score_batch(
@@ -269,9 +272,7 @@ class Trainer:
         cfg, t0 = self.cfg, time.monotonic()
         if not cfg.guide_text:
             raise TrainingError("--demonstrations needs --guide-text (the guided episode)")
-        tok = self.lm.tokenizer
-        decode = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
-        token_text = token_texts(decode)
+        token_text = token_texts(self._decode)
         per_batch = max(1, cfg.episodes_per_iter // 2)
         kept, held, counts = [], [], {"own": 0, "guided": 0, "none": 0, "failed": 0}
         records, drawn = [], 0
@@ -283,7 +284,7 @@ class Trainer:
             episodes = run_episodes(
                 self.engine, [p for p in prompts for _ in (0, 1)],
                 [x for x in ids for _ in (0, 1)], [sp for sp in params for _ in (0, 1)],
-                agents, decode,
+                agents, self._decode,
             )  # fmt: skip
             both = [(j, episodes[2 * j], episodes[2 * j + 1]) for j in range(len(prompts))]
             counts["failed"] += sum(own is None or guided is None for _, own, guided in both)

@@ -145,8 +145,7 @@ class CallStream:
             held, self.held = self.held, ""
             if self.sent_any and _TAG not in held:
                 return held, None  # a bare call must be the whole answer
-            content, calls = split_calls(held, self.tools)
-            return (content, calls) if calls else (held, None)
+            return split_calls(held, self.tools)
         if self.call_started:
             return "", None
         stripped = self.held.lstrip()
