@@ -110,6 +110,10 @@ class Trainer:
         self, cfg: TrainConfig, lm: LoadedModel | None = None, reward: Reward | None = None
     ):
         self.cfg = cfg
+        if cfg.demonstrations < 0 or cfg.bc_epochs < 1:
+            raise TrainingError("--demonstrations must be >= 0 and --bc-epochs >= 1")
+        if cfg.demonstrations and not cfg.guide_text:
+            raise TrainingError("--demonstrations needs --guide-text (the guided episode)")
         # A bad reward spec or prompt file fails here, before the model is loaded.
         self.reward = reward if reward is not None else parse_reward(cfg.reward)
         self.prompts, self.data_summary = training_prompts(
@@ -270,8 +274,6 @@ class Trainer:
         """Demonstrate `cfg.demonstrations` prompts (own vs guided episode, the reward picks),
         fit the actor to the kept ones, and seed the replay buffer with both episodes."""
         cfg, t0 = self.cfg, time.monotonic()
-        if not cfg.guide_text:
-            raise TrainingError("--demonstrations needs --guide-text (the guided episode)")
         token_text = token_texts(self._decode)
         per_batch = max(1, cfg.episodes_per_iter // 2)
         kept, held, counts = [], [], {"own": 0, "guided": 0, "none": 0, "failed": 0}

@@ -150,9 +150,19 @@ def test_the_trainer_clones_the_rewards_choice_then_resumes_without_demonstratin
     assert resumed.episodes_done == 8
 
 
-def test_demonstrations_need_a_guide(tmp_path, make_tokenizer, make_prompt_text):
-    from mara_serve.training.trainer import TrainingError
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"demonstrations": 4}, "guide-text"),
+     ({"demonstrations": -1, "guide_text": "w7"}, ">= 0"),
+     ({"demonstrations": 4, "guide_text": "w7", "bc_epochs": 0}, "bc-epochs")],
+)  # fmt: skip
+def test_bad_demonstration_settings_fail_before_the_model_loads(
+    tmp_path, make_prompt_text, monkeypatch, settings, message
+):
+    from mara_serve.training import trainer as trainer_module
+    from mara_serve.training.trainer import Trainer, TrainingError
 
-    cfg = _config(tmp_path, _prompt_files(tmp_path, make_prompt_text), demonstrations=4)
-    with pytest.raises(TrainingError, match="guide-text"):
-        _trainer(cfg, make_tokenizer).run()
+    monkeypatch.setattr(trainer_module, "load_model", lambda cfg: pytest.fail("model loaded"))
+    cfg = _config(tmp_path, _prompt_files(tmp_path, make_prompt_text), **settings)
+    with pytest.raises(TrainingError, match=message):
+        Trainer(cfg)
