@@ -325,32 +325,47 @@ def engine_alone(
     return run
 
 
+def thread_cpu_s(pid: int, tid: int) -> float | None:
+    """CPU seconds (user + system) one thread of a process has used; None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def server_over_engine(
     base_url: str, modes: dict[str, str], alone: Callable[[int], dict[str, float]],
-    concurrency: int, per_client: int, max_tokens: int, rounds: int,
+    concurrency: int, per_client: int, max_tokens: int, rounds: int, server_pid: int,
 ) -> dict[str, dict]:  # fmt: skip
     """Server ÷ engine alone on the same work, in `rounds` alternating pairs (engine alone,
     then the server; the other one idle), so that the machine's drift between runs falls on
     both sides. Returns per mode the rounds' ratios, their median, and the share of one core
-    the streaming clients (this process) used while the server ran — on a small machine the
-    client competes with the server's torch threads, which the engine alone never does."""
+    that the streaming clients (this process) and the server's API thread (its main thread:
+    the event loop) used while the server ran — on a small machine both compete with the
+    server's torch threads, which the engine alone never meets."""
     ratios: dict[str, list[float]] = {mode: [] for mode in modes}
     client: dict[str, list[float]] = {mode: [] for mode in modes}
+    api: dict[str, list[float]] = {mode: [] for mode in modes}
     for i in range(rounds):
         engine_tps = alone(concurrency * per_client)
         for mode, model in modes.items():
-            cpu0 = time.process_time()
+            cpu0, api0 = time.process_time(), thread_cpu_s(server_pid, server_pid)
             r = asyncio.run(run_level(base_url, mode, model, concurrency,
                                       concurrency * per_client, max_tokens))  # fmt: skip
             client[mode].append(round((time.process_time() - cpu0) / r.wall_s, 3))
+            api1 = thread_cpu_s(server_pid, server_pid)
+            api[mode].append(round((api1 - api0) / r.wall_s, 3) if api1 is not None else 0.0)
             ratio = r.tokens_per_s / engine_tps[mode]
             ratios[mode].append(round(ratio, 3))
             print(f"  round {i + 1}: {mode} server x{concurrency} {r.tokens_per_s:.1f} tok/s"
-                  f" / engine alone {engine_tps[mode]:.1f} = {ratio:.3f}; the clients used"
-                  f" {client[mode][-1]:.0%} of a core", file=sys.stderr)  # fmt: skip
+                  f" / engine alone {engine_tps[mode]:.1f} = {ratio:.3f}; share of a core:"
+                  f" clients {client[mode][-1]:.0%}, server API thread {api[mode][-1]:.0%}",
+                  file=sys.stderr)  # fmt: skip
     return {
         mode: {"rounds": v, "median": statistics.median(v),
-               "client_core_share": statistics.median(client[mode])}
+               "client_core_share": statistics.median(client[mode]),
+               "api_thread_core_share": statistics.median(api[mode])}
         for mode, v in ratios.items()
     }  # fmt: skip
 
@@ -397,7 +412,7 @@ def main() -> None:
             results = asyncio.run(bench(base_url, modes, levels, per_client, max_tokens))
             over = ({} if alone is None else
                     server_over_engine(base_url, modes, alone, c, per_client, max_tokens,
-                                       args.rounds))  # fmt: skip
+                                       args.rounds, proc.pid))  # fmt: skip
         finally:
             proc.terminate()
             proc.wait(60)
@@ -406,8 +421,9 @@ def main() -> None:
     for mode, r in over.items():
         targets.setdefault(mode, {})["server_over_engine"] = r
         print(f"{mode}: server x{c} / engine alone, median of {len(r['rounds'])} alternating "
-              f"rounds = {r['median']} {r['rounds']} (target >= 0.9); the streaming clients "
-              f"used {r['client_core_share']:.0%} of a core")  # fmt: skip
+              f"rounds = {r['median']} {r['rounds']} (target >= 0.9); share of a core: the "
+              f"streaming clients {r['client_core_share']:.0%}, the server's API thread "
+              f"{r['api_thread_core_share']:.0%}")  # fmt: skip
     for mode, t in targets.items():
         if "tokens_per_s_16_over_1" not in t:
             continue
