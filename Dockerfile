@@ -41,7 +41,7 @@ RUN --mount=type=secret,id=pip_cert \
     && pip install --no-deps --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && pip install --requirement constraints.txt
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY mara_serve ./mara_serve
 # setuptools is already in the venv (pinned in constraints.txt): no build isolation, no download.
 RUN pip install --no-deps --no-build-isolation . \
