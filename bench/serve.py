@@ -169,8 +169,13 @@ def pick_agent(tmp: Path) -> tuple[str, Path, list[str], str]:
     )
 
 
-def start_server(port: int, extra: list[str], max_concurrent: int) -> subprocess.Popen:
+def start_server(
+    port: int, extra: list[str], max_concurrent: int, cores: set[int] | None = None
+) -> subprocess.Popen:
+    """`mara serve` as a subprocess; `cores`: pinned to those CPUs with one torch thread each."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MARA_")}
+    if cores:
+        env["OMP_NUM_THREADS"] = str(len(cores))
     cmd = [
         sys.executable,
         "-m",
@@ -184,7 +189,8 @@ def start_server(port: int, extra: list[str], max_concurrent: int) -> subprocess
         str(max_concurrent),
         *extra,
     ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, preexec_fn=pin)
     return wait_ready(proc, f"http://127.0.0.1:{port}/ready", "mara serve", 600)
 
 
@@ -334,6 +340,19 @@ def thread_cpu_s(pid: int, tid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def pinned(fn: Callable[[int], dict[str, float]], run_on: set[int], back_to: set[int]):
+    """`fn` run on the `run_on` cores (this thread), then back on `back_to`."""
+
+    def run(n: int) -> dict[str, float]:
+        os.sched_setaffinity(0, run_on)
+        try:
+            return fn(n)
+        finally:
+            os.sched_setaffinity(0, back_to)
+
+    return run
+
+
 def server_over_engine(
     base_url: str, modes: dict[str, str], alone: Callable[[int], dict[str, float]],
     concurrency: int, per_client: int, max_tokens: int, rounds: int, server_pid: int,
@@ -390,6 +409,13 @@ def main() -> None:
         "server, and report server / engine at the highest concurrency",
     )
     parser.add_argument(
+        "--separate-client",
+        action="store_true",
+        help="Linux, 2+ cores: the server and the engine alone each run pinned to the first "
+        "core with one torch thread, the streaming clients on the other cores — the clients "
+        "then do not compete with the engine, as when they run on another machine",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=3,
         help="engine-alone / server pairs for --engine-baseline (their median is reported)",
     )  # fmt: skip
@@ -397,15 +423,29 @@ def main() -> None:
     max_tokens = args.max_tokens or (32 if args.quick else 128)
     per_client = args.requests_per_client or (1 if args.quick else 2)
     levels = [int(x) for x in args.levels.split(",")]
+    engine_cores = client_cores = None
+    if args.separate_client:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        if len(cpus) < 2:
+            parser.error("--separate-client needs Linux and at least 2 cores")
+        engine_cores, client_cores = {cpus[0]}, set(cpus[1:])
+        import torch
+
+        torch.set_num_threads(1)  # the engine alone: one torch thread on the engine's core
+        os.sched_setaffinity(0, engine_cores)  # its model loads there too
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         agent, agent_dir, flags, agent_desc = pick_agent(Path(tmp))
         c = max(levels)
         alone = (engine_alone(agent_dir, c, max_tokens, args.serve_arg)
                  if args.engine_baseline else None)  # fmt: skip
+        if args.separate_client:
+            os.sched_setaffinity(0, client_cores)
+            if alone is not None:
+                alone = pinned(alone, engine_cores, client_cores)
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
-        proc = start_server(port, flags + args.serve_arg, max(levels))
+        proc = start_server(port, flags + args.serve_arg, max(levels), engine_cores)
         try:
             env = environment(base_url)
             modes = {"base": env["model"], "agent": agent}
@@ -436,6 +476,7 @@ def main() -> None:
             {
                 "bench": "serve",
                 "quick": args.quick,
+                "separate_client": args.separate_client,
                 "max_tokens": max_tokens,
                 "requests_per_client": per_client,
                 "agent": agent_desc,
