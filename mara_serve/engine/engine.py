@@ -100,6 +100,9 @@ class LLMEngine:
         for note in self.runner.kv_plan.notes:
             log.warning("%s", note)
         self.max_running = self.runner.kv_plan.slots  # admission: a free slot holds a sequence
+        # torch's CPU threads as the thread building the engine sees them (in the server, the
+        # engine thread that also steps it; reported in /metrics)
+        self.torch_threads = torch.get_num_threads()
         self.prefix_cache = PrefixCache(config.prefix_cache_tokens, config.prefix_block_size)
         on_cpu = lm.device.type == "cpu"
         self.chunk_size = (
@@ -206,6 +209,7 @@ class LLMEngine:
             "kv_cache_capacity": self.runner.cache.capacity, "steps": self.num_steps,
             "kv_cache_bytes": self.runner.cache.nbytes, "kv_cache_slots": self.max_running,
             "kv_cache_tokens": sum(s.length for s in list(self.running)),
+            "torch_threads": self.torch_threads,
             **self.prefix_cache.stats(),
         }  # fmt: skip
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI
 
 from mara_serve.engine.async_engine import AsyncEngine
@@ -65,6 +66,10 @@ def build_engine(settings: Settings) -> AsyncEngine:
 
 def build_llm_engine(settings: Settings) -> LLMEngine:
     """Load the base model and build the engine the server runs, on the calling thread."""
+    if settings.torch_threads:
+        # Here, on the engine thread (AsyncEngine.launch), before anything runs on it: torch's
+        # OpenMP team belongs to the thread that first runs a parallel op.
+        torch.set_num_threads(settings.torch_threads)
     lm = load_model(
         ModelConfig(
             model=settings.model,

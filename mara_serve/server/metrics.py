@@ -66,6 +66,7 @@ METRIC_NAMES = frozenset(
         "mara_kv_cache_slots",
         "mara_kv_cache_usage_perc",
         "mara_kv_cache_tokens",
+        "mara_torch_threads",
     }
 )
 
@@ -327,6 +328,8 @@ class _EngineStatsCollector(Collector):
              stats.get("running", 0) / slots if slots else 0.0),
             ("mara_kv_cache_tokens", "Tokens whose K/V running requests hold.",
              stats.get("kv_cache_tokens", 0)),
+            ("mara_torch_threads", "CPU threads torch runs the model with (--torch-threads).",
+             stats.get("torch_threads", 0)),
         ]  # fmt: skip
         out = [held, queried, hits]
         for name, doc, value in gauges:

@@ -155,6 +155,14 @@ class Settings(BaseSettings):
         description="share of the GPU's memory the server may fill (weights + KV cache + "
         "activations) when kv_cache_memory is unset",
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads torch runs the model with (default: torch's own choice, one "
+        "per core of the machine). In a container set it to the cores the pod gets: torch "
+        "counts the node's cores, not the pod's CPU request or limit, and more spinning "
+        "threads than cores stall every matmul",
+    )
     cpu_split_matmuls: bool = Field(
         True,
         description="on a CPU in float32, run each projection as one batched matmul over slices "

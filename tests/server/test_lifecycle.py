@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from live_server import metric_value
 
 from mara_serve.engine.errors import ModelLoadError
 from mara_serve.server import lifecycle
@@ -289,3 +290,36 @@ def test_sigterm_drains_running_streams_then_exits(long_context_model_dir: Path)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_torch_threads_apply_to_the_engine_thread(tiny_model_dir: Path) -> None:
+    """`mara serve --torch-threads N` (a container should match its CPU share): the engine
+    thread that loads and steps the model runs torch with N threads, reported in /metrics.
+    N is more than the machine's cores, so torch's own default can never equal it."""
+    threads = (os.cpu_count() or 1) + 1
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MARA_")}
+    cmd = [sys.executable, "-m", "mara_serve", "serve", "--model", str(tiny_model_dir),
+           "--port", str(port), "--device", "cpu", "--torch-threads", str(threads),
+           "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(url + "/ready").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 90, 0.1)
+        r = httpx.post(url + "/v1/chat/completions",
+                       json={"model": BASE, "messages": MESSAGES, "max_tokens": 4})  # fmt: skip
+        assert r.status_code == 200
+        assert metric_value(httpx.get(url + "/metrics").text, "mara_torch_threads") == threads
+    finally:
+        proc.terminate()
+        proc.wait(30)
