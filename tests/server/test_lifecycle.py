@@ -208,6 +208,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_process(model_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`mara serve` on `model_dir` (CPU) as a real process, waited for until ready."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MARA_")}
+    cmd = [sys.executable, "-m", "mara_serve", "serve", "--model", str(model_dir),
+           "--port", str(port), "--device", "cpu", "--log-level", "warning", *flags]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+    def ready() -> bool:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            return httpx.get(url + "/ready").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, 90, 0.1)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
 def read_stream(url: str, max_tokens: int, out: dict, started: threading.Event) -> None:
     body = {
         "model": BASE,
@@ -227,42 +254,8 @@ def read_stream(url: str, max_tokens: int, out: dict, started: threading.Event) 
 
 
 def test_sigterm_drains_running_streams_then_exits(long_context_model_dir: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MARA_")}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mara_serve",
-            "serve",
-            "--model",
-            str(long_context_model_dir),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--graceful-shutdown-s",
-            "3",
-            "--log-level",
-            "warning",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, url = serve_process(long_context_model_dir, "--graceful-shutdown-s", "3")
     try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(url + "/ready").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, 90, 0.1)
         short, long_, threads = {}, {}, []
         # 5-40 ms a token on 2 CPU cores: the short one ends within the grace period, the
         # long one cannot (>= 20 s)
@@ -297,25 +290,8 @@ def test_torch_threads_apply_to_the_engine_thread(tiny_model_dir: Path) -> None:
     thread that loads and steps the model runs torch with N threads, reported in /metrics.
     N is more than the machine's cores, so torch's own default can never equal it."""
     threads = (os.cpu_count() or 1) + 1
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MARA_")}
-    cmd = [sys.executable, "-m", "mara_serve", "serve", "--model", str(tiny_model_dir),
-           "--port", str(port), "--device", "cpu", "--torch-threads", str(threads),
-           "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    proc, url = serve_process(tiny_model_dir, "--torch-threads", str(threads))
     try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(url + "/ready").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, 90, 0.1)
         r = httpx.post(url + "/v1/chat/completions",
                        json={"model": BASE, "messages": MESSAGES, "max_tokens": 4})  # fmt: skip
         assert r.status_code == 200
