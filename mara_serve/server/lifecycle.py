@@ -26,6 +26,7 @@ from mara_serve.engine.default_model import DEFAULT_MODEL_NAME, default_agents
 from mara_serve.engine.engine import EngineConfig, LLMEngine
 from mara_serve.engine.loading import ModelConfig, load_model
 from mara_serve.engine.registry import AgentRegistry
+from mara_serve.server.cpu_quota import quota_threads
 from mara_serve.server.services import Services
 from mara_serve.server.serving.agents import AgentAdmin
 from mara_serve.server.serving.chat import ChatServing
@@ -66,10 +67,14 @@ def build_engine(settings: Settings) -> AsyncEngine:
 
 def build_llm_engine(settings: Settings) -> LLMEngine:
     """Load the base model and build the engine the server runs, on the calling thread."""
-    if settings.torch_threads:
+    threads = settings.torch_threads or quota_threads()
+    if threads:
         # Here, on the engine thread (AsyncEngine.launch), before anything runs on it: torch's
         # OpenMP team belongs to the thread that first runs a parallel op.
-        torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(threads)
+        if not settings.torch_threads:
+            log.info("torch threads: %d (the cgroup CPU quota; --torch-threads overrides)",
+                     threads)  # fmt: skip
     lm = load_model(
         ModelConfig(
             model=settings.model,

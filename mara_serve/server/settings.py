@@ -158,10 +158,10 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads torch runs the model with (default: torch's own choice, one "
-        "per core of the machine). In a container set it to the cores the pod gets: torch "
-        "counts the node's cores, not the pod's CPU request or limit, and more spinning "
-        "threads than cores stall every matmul",
+        description="CPU threads torch runs the model with (default: one per core the process "
+        "may run on, capped by a cgroup CPU quota such as docker --cpus or a Kubernetes CPU "
+        "limit). In a pod without a CPU limit set it to the CPU request: torch counts the "
+        "node's cores, and more spinning threads than cores stall every matmul",
     )
     cpu_split_matmuls: bool = Field(
         True,
