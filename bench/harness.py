@@ -67,6 +67,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric(url: str, name: str) -> float:
+    """An unlabelled sample from a server's /metrics (0 if absent)."""
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 class ServeProcess:
     """`mara serve ARGS` on a free 127.0.0.1 port; `stop()` sends SIGTERM and returns its
     exit status. Its output goes to a file (`log()`), so a chatty server never blocks."""
@@ -97,10 +105,7 @@ class ServeProcess:
             time.sleep(0.2)
 
     def metric(self, name: str) -> float:
-        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[-1])
-        return 0.0
+        return metric(self.url, name)
 
     def rss_bytes(self) -> int:
         return rss_bytes(self.proc.pid)

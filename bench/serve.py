@@ -36,7 +36,7 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import free_port, percentile  # noqa: E402
+from harness import free_port, metric, percentile  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -172,10 +172,8 @@ def pick_agent(tmp: Path) -> tuple[str, Path, list[str], str]:
 def start_server(
     port: int, extra: list[str], max_concurrent: int, cores: set[int] | None = None
 ) -> subprocess.Popen:
-    """`mara serve` as a subprocess; `cores`: pinned to those CPUs with one torch thread each."""
+    """`mara serve` as a subprocess; `cores`: pinned to those CPUs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MARA_")}
-    if cores:
-        env["OMP_NUM_THREADS"] = str(len(cores))
     cmd = [
         sys.executable,
         "-m",
@@ -225,7 +223,8 @@ def environment(base_url: str) -> dict:
     model = httpx.get(base_url + "/v1/models").json()["data"][0]
     return {
         "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "torch_threads": torch.get_num_threads(),
+        # the server's own (its engine thread's), not this process's
+        "torch_threads": int(metric(base_url, "mara_torch_threads")),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -412,7 +411,8 @@ def main() -> None:
         "--separate-client",
         action="store_true",
         help="Linux, 2+ cores: the server and the engine alone each run pinned to the first "
-        "core with one torch thread, the streaming clients on the other cores — the clients "
+        "core with one torch thread (--torch-threads 1), the streaming clients on the other "
+        "cores — the clients "
         "then do not compete with the engine, as when they run on another machine",
     )
     parser.add_argument(
@@ -423,21 +423,20 @@ def main() -> None:
     max_tokens = args.max_tokens or (32 if args.quick else 128)
     per_client = args.requests_per_client or (1 if args.quick else 2)
     levels = [int(x) for x in args.levels.split(",")]
+    serve_args = list(args.serve_arg)
     engine_cores = client_cores = None
     if args.separate_client:
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         if len(cpus) < 2:
             parser.error("--separate-client needs Linux and at least 2 cores")
         engine_cores, client_cores = {cpus[0]}, set(cpus[1:])
-        import torch
-
-        torch.set_num_threads(1)  # the engine alone: one torch thread on the engine's core
-        os.sched_setaffinity(0, engine_cores)  # its model loads there too
+        serve_args += ["--torch-threads", "1"]  # the server's and the engine alone's setting
+        os.sched_setaffinity(0, engine_cores)  # the engine alone's model loads there too
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         agent, agent_dir, flags, agent_desc = pick_agent(Path(tmp))
         c = max(levels)
-        alone = (engine_alone(agent_dir, c, max_tokens, args.serve_arg)
+        alone = (engine_alone(agent_dir, c, max_tokens, serve_args)
                  if args.engine_baseline else None)  # fmt: skip
         if args.separate_client:
             os.sched_setaffinity(0, client_cores)
@@ -445,7 +444,7 @@ def main() -> None:
                 alone = pinned(alone, engine_cores, client_cores)
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
-        proc = start_server(port, flags + args.serve_arg, max(levels), engine_cores)
+        proc = start_server(port, flags + serve_args, max(levels), engine_cores)
         try:
             env = environment(base_url)
             modes = {"base": env["model"], "agent": agent}
