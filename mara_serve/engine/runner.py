@@ -60,6 +60,13 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
         xs = x.expand(w.shape[0], *x.shape)
         y = torch.bmm(xs, w) if b is None else torch.baddbmm(b, xs, w)  # (groups, n, out/g)
         return y.transpose(0, 1).reshape(x.shape[0], -1)
+    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        # One row in bf16 on a CPU: torch's gemv reads the weights at the memory bandwidth,
+        # F.linear's one-row oneDNN/AMX matmul at about half of it (SmolLM2's 30 gate/up
+        # matrices at one row: 4.1-4.3 ms vs 7.5-7.6, bench/RESULTS.md). At 2+ rows the
+        # matmul wins again (two gemvs read the weights twice).
+        y = torch.mv(w, x[0]) if b is None else torch.addmv(b, w, x[0])
+        return y[None]
     return F.linear(x, w, b)
 
 

@@ -55,3 +55,38 @@ def test_auto_dtype_is_bf16_only_on_a_cpu_with_native_bf16():
     want = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == want
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_one_bf16_row_on_cpu_runs_as_a_gemv_and_follows_the_reference(monkeypatch):
+    """One row in bf16 on a CPU goes through torch.mv/addmv (runner._linear: F.linear's one-row
+    bf16 matmul reads weights at half the bandwidth); the tokens still follow the reference."""
+    calls = {"mv": 0, "addmv": 0}
+    for name in calls:
+        real = getattr(torch, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, spy)
+    lm = tiny_llama(dtype=torch.bfloat16)
+    fp32 = tiny_llama()
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    for agent in (None, make_agent("half", lm=fp32)):
+        engine = LLMEngine(lm, EngineConfig(max_running=1, chunk_size=256))
+        req = Request("one", PROMPTS[0], params, agent)
+        got = engine.generate([req])["one"][0]
+        want, _ = reference_generate(lm.model, req.prompt_token_ids, agent, params, (1,))
+        margins = check_against_reference(lm.model, torch.bfloat16, req.prompt_token_ids, agent,
+                                          params, got, want)  # fmt: skip
+        assert margins is None or got[: len(got) // 2] == want[: len(got) // 2], margins
+    assert calls["mv"] > 0  # plain one-row forwards took the gemv path
+
+    x, w = torch.randn(1, 64).bfloat16(), torch.randn(96, 64).bfloat16()
+    b = torch.randn(96).bfloat16()
+    from mara_serve.engine.runner import _linear
+
+    before = calls["addmv"]
+    torch.testing.assert_close(_linear(x, w, b), torch.nn.functional.linear(x, w, b),
+                               rtol=2e-2, atol=2e-2)  # fmt: skip
+    assert calls["addmv"] == before + 1  # a bias goes through addmv
