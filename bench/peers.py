@@ -1,9 +1,11 @@
 """Peers benchmark: our server vs llama.cpp's server on the same CPU, the same weights and the
 same streaming client, side by side in one run.
 
-For each precision (F32 always; BF16 when the CPU multiplies bf16 natively, or when asked):
-llama.cpp's `llama-server` on the embedded SmolLM2 GGUF requantised to that precision, then
-`mara serve --dtype <same>` plain (the base model) and with the shipped agent (MARA), each with
+For each precision (F32 always; BF16 and Q8_0 when the CPU multiplies bf16 natively, or when
+asked): llama.cpp's `llama-server` on the embedded SmolLM2 GGUF requantised to that precision,
+then `mara serve` in the matching one (`--dtype float32` / `--dtype bfloat16` / for Q8_0
+`--quantization int8`: int8 weights, one scale per row, with bf16 activations on a bf16 CPU)
+plain (the base model) and with the shipped agent (MARA), each with
 1 and 16 concurrent streaming clients generating exactly `--max-tokens` tokens (`ignore_eos`).
 Prints tokens/s (1 stream; aggregate at 16), TTFT p50, and the ratios ours ÷ llama.cpp.
 
@@ -12,7 +14,7 @@ virtualenv (`--peer-venv`, default .bench-peers/llama, git-ignored). Its threads
 ANY other load on the cores wrecks its numbers: run on a quiet machine (no tests, training or
 other servers), and say so with the results.
 
-    python bench/peers.py                       # F32 (+ BF16 on a bf16 CPU), 64 tokens
+    python bench/peers.py                       # F32 (+ BF16, Q8_0 on a bf16 CPU), 64 tokens
     python bench/peers.py --precisions F32,BF16 --max-tokens 64 --requests-per-client 2
 """
 
@@ -45,7 +47,13 @@ from mara_serve.engine.default_model import (  # noqa: E402
 )
 from mara_serve.engine.loading import cpu_has_fast_bf16  # noqa: E402
 
-DTYPES = {"F32": "float32", "BF16": "bfloat16"}
+
+def ours_flags(precision: str) -> list[str]:
+    """`mara serve` flags for llama.cpp's `precision`."""
+    if precision == "Q8_0":  # int8 weights (llama.cpp also multiplies with int8 activations)
+        return ["--dtype", "bfloat16" if cpu_has_fast_bf16() else "float32",
+                "--quantization", "int8"]  # fmt: skip
+    return ["--dtype", {"F32": "float32", "BF16": "bfloat16"}[precision]]
 
 
 def llama_bin_dir(venv: Path) -> Path:
@@ -97,7 +105,7 @@ def main() -> None:
     parser.add_argument(
         "--precisions",
         default=None,
-        help="comma-separated: F32, BF16 (default: F32, plus BF16 on a bf16 CPU)",
+        help="comma-separated: F32, BF16, Q8_0 (default: F32, plus BF16 and Q8_0 on a bf16 CPU)",
     )
     parser.add_argument("--levels", default="1,16")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -110,7 +118,8 @@ def main() -> None:
         help="extra `mara serve` flags, e.g. --ours-args='--max-prefill-tokens 256'",
     )
     args = parser.parse_args()
-    precisions = (args.precisions or ("F32,BF16" if cpu_has_fast_bf16() else "F32")).split(",")
+    default = "F32,BF16,Q8_0" if cpu_has_fast_bf16() else "F32"
+    precisions = (args.precisions or default).split(",")
     levels = [int(x) for x in args.levels.split(",")]
     started = time.monotonic()
     bin_dir = llama_bin_dir(args.peer_venv)
@@ -130,7 +139,7 @@ def main() -> None:
             stop(llama)
         port = free_port()
         ours = start_server(
-            port, ["--dtype", DTYPES[precision], *shlex.split(args.ours_args)], max(levels)
+            port, [*ours_flags(precision), *shlex.split(args.ours_args)], max(levels)
         )
         url = f"http://127.0.0.1:{port}"
         try:

@@ -19,9 +19,11 @@ def tiny_llama(
     max_pos: int = 256,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    quantization: str = "none",
 ) -> LoadedModel:
     """A 2-layer Llama with GQA and a peaked random output (varied candidate counts), in
-    `dtype` on `device` (moved before the LoadedModel lays out the runner's weights)."""
+    `dtype` on `device` (moved, and quantized with `quantization` = "int8", before the
+    LoadedModel lays out the runner's weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -32,10 +34,14 @@ def tiny_llama(
     )  # fmt: skip
     model = LlamaForCausalLM(cfg).float().eval().requires_grad_(False)
     model.to(device=device, dtype=dtype)
+    if quantization == "int8":
+        from mara_serve.engine.quantization import quantize_int8
+
+        quantize_int8(model)
     return LoadedModel(
         model=model, tokenizer=None, name="tiny-llama", device=torch.device(device),
         dtype=dtype, hidden_size=64, vocab_size=VOCAB, max_model_len=max_pos,
-        eos_token_ids=(1,),
+        eos_token_ids=(1,), quantization=quantization,
     )  # fmt: skip
 
 

@@ -31,6 +31,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on a CPU with native bf16, "
         "else float32; bfloat16/float16 on GPU)",
     )
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "int8"],
+        help="int8: weight-only int8 projections and LM head (CPU; pair with --dtype bfloat16)",
+    )
     add_cache_dir_arg(p)
 
 
@@ -51,6 +57,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         revision=args.revision,
         device=args.device,
         dtype=args.dtype,
+        quantization=args.quantization,
         cache_dir=args.cache_dir or default_cache_dir(),
     )
 

@@ -103,6 +103,7 @@ class LLMEngine:
         # torch's CPU threads as the thread building the engine sees them (in the server, the
         # engine thread that also steps it; reported in /metrics)
         self.torch_threads = torch.get_num_threads()
+        self.weight_bytes = lm.weight_bytes
         self.prefix_cache = PrefixCache(config.prefix_cache_tokens, config.prefix_block_size)
         on_cpu = lm.device.type == "cpu"
         self.chunk_size = (
@@ -209,7 +210,7 @@ class LLMEngine:
             "kv_cache_capacity": self.runner.cache.capacity, "steps": self.num_steps,
             "kv_cache_bytes": self.runner.cache.nbytes, "kv_cache_slots": self.max_running,
             "kv_cache_tokens": sum(s.length for s in list(self.running)),
-            "torch_threads": self.torch_threads,
+            "torch_threads": self.torch_threads, "model_weight_bytes": self.weight_bytes,
             **self.prefix_cache.stats(),
         }  # fmt: skip
 

@@ -20,6 +20,7 @@ from mara_serve.engine.default_model import (
     ensure_default_model,
 )
 from mara_serve.engine.errors import ModelLoadError
+from mara_serve.engine.quantization import QUANTIZATIONS, quantize_int8
 from mara_serve.engine.weights import DecoderWeights
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class ModelConfig:
     cache_dir: Path = field(default_factory=default_cache_dir)  # where the default model lives
     max_model_len: int | None = None  # None → the model's own context length
     revision: str | None = None  # a Hub model's branch, tag or commit (None: main)
+    quantization: str = "none"  # none | int8 (weight-only, CPU: quantization.py)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class LoadedModel:
     vocab_size: int
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    quantization: str = "none"  # none | int8: the projections' weights (quantization.py)
     # The batched runner's tensors, laid out once here (None: an architecture the runner does
     # not implement; the serial reference still works).
     weights: DecoderWeights | None = field(default=None, init=False, repr=False)
@@ -55,6 +58,16 @@ class LoadedModel:
     def __post_init__(self) -> None:
         if DecoderWeights.supports(self.model):
             self.weights = DecoderWeights.from_hf(self.model)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers, each storage counted once (tied and
+        fused weights share storage; int8 weights count one byte per value)."""
+        seen: dict[int, int] = {}
+        for t in (*self.model.parameters(), *self.model.buffers()):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
 
 
 def resolve_device(device: str) -> torch.device:
@@ -147,6 +160,12 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         hint = " (not found in the local cache; HF_HUB_OFFLINE is set)" if _offline() else ""
         raise ModelLoadError(f"could not load model {cfg.model or name!r}{hint}: {e}") from None
     model.to(device).eval().requires_grad_(False)
+    if cfg.quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"unknown quantization {cfg.quantization!r}; choose one of "
+                             f"{', '.join(QUANTIZATIONS)}")  # fmt: skip
+    if cfg.quantization == "int8":
+        count = quantize_int8(model)
+        log.info("int8 weight-only quantization: %d projections", count)
     config = model.config
     ctx = getattr(config, "max_position_embeddings", None) or 2048
     max_len = min(cfg.max_model_len or ctx, ctx)
@@ -155,11 +174,12 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         for t in source if isinstance(source, list | tuple) else [source]:
             if t is not None and t not in eos:
                 eos.append(int(t))
-    log.info("loaded %s on %s (%s), context %d", name, device, dtype, max_len)
+    log.info("loaded %s on %s (%s%s), context %d", name, device, dtype,
+             ", int8 weights" if cfg.quantization == "int8" else "", max_len)  # fmt: skip
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype,
         hidden_size=config.hidden_size, vocab_size=model.get_output_embeddings().weight.shape[0],
-        max_model_len=max_len, eos_token_ids=tuple(eos),
+        max_model_len=max_len, eos_token_ids=tuple(eos), quantization=cfg.quantization,
     )  # fmt: skip
 
 

@@ -34,6 +34,7 @@ from mara_serve.engine.errors import UnsupportedModelError
 from mara_serve.engine.graphs import PaddedForward, pack_inputs, run_packed
 from mara_serve.engine.kv_cache import KVCache, KVPlan, bytes_per_position
 from mara_serve.engine.loading import LoadedModel
+from mara_serve.engine.quantization import Int8Weight, int8_linear
 from mara_serve.engine.weights import (
     SUPPORTED_MODEL_TYPES,
     LayerWeights,
@@ -55,7 +56,10 @@ GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x (n, in) @ w.T (+ b) → (n, out): `w` is a dense (out, in) weight or a (groups, in,
-    out/groups) view of one (`weights.split_for_cpu`: one batched matmul, groups in parallel)."""
+    out/groups) view of one (`weights.split_for_cpu`: one batched matmul, groups in parallel),
+    or an int8 weight (`--quantization int8`, quantization.py)."""
+    if isinstance(w, Int8Weight):
+        return int8_linear(x, w.q, w.scales, b)
     if w.dim() == 3:
         xs = x.expand(w.shape[0], *x.shape)
         y = torch.bmm(xs, w) if b is None else torch.baddbmm(b, xs, w)  # (groups, n, out/g)
@@ -110,8 +114,9 @@ class ModelRunner:
         self.embed = weights.embed
         self.device, self.dtype = lm.device, lm.dtype
         head = weights.lm_head
-        self.head_w, self.head_b = head.weight, getattr(head, "bias", None)
-        self.split_matmuls = split_matmuls and can_split_for_cpu(self.device, self.dtype)
+        self.head_w, self.head_b = weights.head_w, getattr(head, "bias", None)
+        self.split_matmuls = (split_matmuls and lm.quantization == "none"
+                              and can_split_for_cpu(self.device, self.dtype))  # fmt: skip
         if self.split_matmuls:  # views of the same weights (weights.split_for_cpu)
             threads = torch.get_num_threads()
             self.layers = tuple(split_for_cpu(layer, threads) for layer in self.layers)

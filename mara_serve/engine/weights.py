@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from mara_serve.engine.quantization import Int8Linear, Int8Weight
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -24,13 +26,28 @@ def _eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
-def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _weight(linear: nn.Module) -> torch.Tensor | Int8Weight:
+    """A linear layer's weight as the runner multiplies by it."""
+    if isinstance(linear, Int8Linear):
+        return Int8Weight(linear.weight, linear.scales)
+    return linear.weight
+
+
+def _fuse(linears: list[nn.Module]) -> tuple[torch.Tensor | Int8Weight, torch.Tensor | None]:
     """One weight (and bias) for linears that share an input; the modules then read slices of
-    it (same storage, no second copy)."""
-    weight = torch.cat([m.weight.detach() for m in linears])
+    it (same storage, no second copy). Int8 layers (quantization.py) fuse their int8 weights
+    and scales the same way."""
     sizes = [m.weight.shape[0] for m in linears]
-    for m, part in zip(linears, weight.split(sizes), strict=True):
-        m.weight.data = part
+    if all(isinstance(m, Int8Linear) for m in linears):
+        q = torch.cat([m.weight for m in linears])
+        scales = torch.cat([m.scales for m in linears])
+        for m, q_part, s_part in zip(linears, q.split(sizes), scales.split(sizes), strict=True):
+            m.weight, m.scales = q_part, s_part  # registered buffers: now views of the fused
+        weight: torch.Tensor | Int8Weight = Int8Weight(q, scales)
+    else:
+        weight = torch.cat([m.weight.detach() for m in linears])
+        for m, part in zip(linears, weight.split(sizes), strict=True):
+            m.weight.data = part
     if linears[0].bias is None:
         return weight, None
     bias = torch.cat([m.bias.detach() for m in linears])
@@ -45,13 +62,14 @@ class LayerWeights:
     ln1_eps: float
     ln2_w: torch.Tensor
     ln2_eps: float
-    qkv_w: torch.Tensor  # (Hq*d + 2*Hkv*d, H)
+    # Projections: dense (out, in) float tensors, or Int8Weight under --quantization int8.
+    qkv_w: torch.Tensor | Int8Weight  # (Hq*d + 2*Hkv*d, H)
     qkv_b: torch.Tensor | None
-    o_w: torch.Tensor
+    o_w: torch.Tensor | Int8Weight
     o_b: torch.Tensor | None
-    gate_up_w: torch.Tensor  # (2*I, H)
+    gate_up_w: torch.Tensor | Int8Weight  # (2*I, H)
     gate_up_b: torch.Tensor | None
-    down_w: torch.Tensor
+    down_w: torch.Tensor | Int8Weight
     down_b: torch.Tensor | None
     act: Callable[[torch.Tensor], torch.Tensor]
     q_norm: nn.Module | None  # qwen3's per-head RMSNorms
@@ -65,6 +83,7 @@ class DecoderWeights:
     norm_eps: float
     embed: nn.Embedding
     lm_head: nn.Module
+    head_w: torch.Tensor | Int8Weight  # the LM head's weight as the runner multiplies by it
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -88,11 +107,11 @@ class DecoderWeights:
                     ln2_eps=_eps(layer.post_attention_layernorm),
                     qkv_w=qkv_w,
                     qkv_b=qkv_b,
-                    o_w=attn.o_proj.weight,
+                    o_w=_weight(attn.o_proj),
                     o_b=attn.o_proj.bias,
                     gate_up_w=gate_up_w,
                     gate_up_b=gate_up_b,
-                    down_w=mlp.down_proj.weight,
+                    down_w=_weight(mlp.down_proj),
                     down_b=mlp.down_proj.bias,
                     act=mlp.act_fn,
                     q_norm=attn.q_norm if has_qk_norm else None,
@@ -105,6 +124,7 @@ class DecoderWeights:
             norm_eps=_eps(model.model.norm),
             embed=model.model.embed_tokens,
             lm_head=model.get_output_embeddings(),
+            head_w=_weight(model.get_output_embeddings()),
         )
 
 

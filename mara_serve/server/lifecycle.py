@@ -81,6 +81,7 @@ def build_llm_engine(settings: Settings) -> LLMEngine:
             revision=settings.revision,
             device=settings.device,
             dtype=settings.dtype,
+            quantization=settings.quantization,
             cache_dir=settings.cache_dir,
             max_model_len=settings.max_model_len,
         )

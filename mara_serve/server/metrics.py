@@ -67,6 +67,7 @@ METRIC_NAMES = frozenset(
         "mara_kv_cache_usage_perc",
         "mara_kv_cache_tokens",
         "mara_torch_threads",
+        "mara_model_weight_bytes",
     }
 )
 
@@ -330,6 +331,8 @@ class _EngineStatsCollector(Collector):
              stats.get("kv_cache_tokens", 0)),
             ("mara_torch_threads", "CPU threads torch runs the model with (--torch-threads).",
              stats.get("torch_threads", 0)),
+            ("mara_model_weight_bytes", "Bytes of the base model's weights in memory "
+             "(--dtype, --quantization).", stats.get("model_weight_bytes", 0)),
         ]  # fmt: skip
         out = [held, queried, hits]
         for name, doc, value in gauges:

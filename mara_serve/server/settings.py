@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         description="weights dtype (auto: bfloat16 on a CPU with native bf16 (AVX512-BF16, "
         "AMX) else float32; bfloat16/float16 on GPU)",
     )
+    quantization: Literal["none", "int8"] = Field(
+        "none",
+        description="int8: weight-only int8 projections and LM head on a CPU (half the bytes "
+        "of bf16 per decode step; pair with --dtype bfloat16), none: weights in --dtype",
+    )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,
         description="where the embedded default model is fetched to and loaded from "

@@ -299,3 +299,35 @@ def test_torch_threads_apply_to_the_engine_thread(tiny_model_dir: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_int8_quantization_serves_the_quantized_model(tiny_model_dir: Path) -> None:
+    """`mara serve --dtype bfloat16 --quantization int8`: the process loads int8 weights
+    (/metrics' mara_model_weight_bytes is the int8 model's, not the bf16 one's) and answers
+    with the greedy tokens of that quantized model."""
+    from mara_serve.engine.loading import ModelConfig, load_model, render_chat
+    from mara_serve.engine.reference import reference_generate
+    from mara_serve.engine.sampling import SamplingParams
+
+    config = ModelConfig(model=str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    bf16 = load_model(config)
+    int8 = load_model(ModelConfig(**{**config.__dict__, "quantization": "int8"}))
+    # (this tiny model's tied 49k-row head gets an int8 copy: more bytes, not fewer)
+    assert int8.weight_bytes != bf16.weight_bytes
+    ids = render_chat(int8.tokenizer, MESSAGES)
+    want, _ = reference_generate(int8.model, ids, None,
+                                 SamplingParams(max_new_tokens=8, temperature=0.0),
+                                 int8.eos_token_ids)  # fmt: skip
+    proc, url = serve_process(tiny_model_dir, "--dtype", "bfloat16", "--quantization", "int8")
+    try:
+        r = httpx.post(url + "/v1/chat/completions", json={
+            "model": BASE, "messages": MESSAGES, "max_tokens": 8, "temperature": 0,
+        })  # fmt: skip
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["message"]["content"]
+        assert text == int8.tokenizer.decode(want, skip_special_tokens=True)
+        weights = metric_value(httpx.get(url + "/metrics").text, "mara_model_weight_bytes")
+        assert weights == int8.weight_bytes
+    finally:
+        proc.terminate()
+        proc.wait(30)

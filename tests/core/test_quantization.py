@@ -1,0 +1,75 @@
+"""Int8 weight-only quantization (`--quantization int8`, engine/quantization.py): the engine
+follows the serial reference of the same quantized model, the runner multiplies by the very
+int8 tensors the HF modules hold (one copy), the quantized model stays close to the float
+one, and widths the kernel cannot handle are refused at load time."""
+
+import pytest
+import torch
+from parity_policy import check_against_reference
+from tiny_models import PARITY_PROMPTS as PROMPTS
+from tiny_models import make_agent, tiny_llama
+
+from mara_serve.engine.engine import EngineConfig, LLMEngine
+from mara_serve.engine.errors import ModelLoadError
+from mara_serve.engine.quantization import Int8Linear, Int8Weight, check_kernel, quantize_rows
+from mara_serve.engine.reference import reference_generate
+from mara_serve.engine.request import Request
+from mara_serve.engine.runner import ModelRunner
+from mara_serve.engine.sampling import SamplingParams
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_engine_follows_the_reference_of_the_quantized_model(dtype):
+    lm = tiny_llama(dtype=dtype, quantization="int8")
+    agents = [None, make_agent("half", lm=tiny_llama()), make_agent("reject")]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    engine = LLMEngine(lm, EngineConfig(max_running=8, chunk_size=4))
+    reqs = [Request(str(i), p, params, agents[i % 3]) for i, p in enumerate(PROMPTS)]
+    results = engine.generate(reqs)
+    diverged = 0
+    for r in reqs:
+        want, _ = reference_generate(lm.model, r.prompt_token_ids, r.agent, params, (1,))
+        margins = check_against_reference(lm.model, dtype, r.prompt_token_ids, r.agent, params,
+                                          results[r.request_id][0], want)  # fmt: skip
+        diverged += margins is not None
+    assert diverged <= len(reqs) // 4  # as for half precision: near-ties only
+
+
+def test_int8_modules_and_the_runner_share_one_copy_of_the_weights():
+    lm = tiny_llama(dtype=torch.bfloat16, quantization="int8")
+    layer = lm.model.model.layers[0]
+    for m in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj,
+              lm.model.lm_head):  # fmt: skip
+        assert isinstance(m, Int8Linear) and m.weight.dtype == torch.int8
+    runner = ModelRunner(lm, max_slots=2)
+    lw = runner.layers[0]
+    assert isinstance(lw.qkv_w, Int8Weight) and isinstance(runner.head_w, Int8Weight)
+    # q/k/v fused once: the modules' int8 buffers are views of the runner's tensor
+    assert layer.self_attn.q_proj.weight.data_ptr() == lw.qkv_w.q.data_ptr()
+    assert layer.mlp.up_proj.scales.data_ptr() > lw.gate_up_w.scales.data_ptr()
+    assert lw.down_w.q.data_ptr() == layer.mlp.down_proj.weight.data_ptr()
+    assert not runner.split_matmuls  # float32's split views do not apply to int8 weights
+
+
+def test_int8_model_stays_close_to_the_float_model():
+    ids = torch.tensor([PROMPTS[2]])
+    # init 0.1: random weights of a trained model's scale (the parity tests' 0.5 makes
+    # activations explode, and any rounding with them)
+    base = tiny_llama(init=0.1).model(ids).logits.float()
+    quant = tiny_llama(init=0.1, quantization="int8").model(ids).logits.float()
+    rel = (quant - base).norm() / base.norm()
+    assert rel < 0.05, rel
+    assert (quant.argmax(-1) == base.argmax(-1)).all()
+
+
+def test_quantize_rows_round_trips_within_half_a_step():
+    w = torch.randn(64, 96)
+    q, scales = quantize_rows(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
+
+
+def test_widths_the_int8_kernel_cannot_handle_are_refused():
+    check_kernel((96, 64), torch.bfloat16, torch.device("cpu"))  # supported: no error
+    with pytest.raises(ModelLoadError, match="multiples of 32"):
+        check_kernel((96, 200), torch.bfloat16, torch.device("cpu"))
