@@ -30,7 +30,7 @@ from mara_serve.engine.errors import ModelLoadError
 
 QUANTIZATIONS = ("none", "int8")
 _IN_FEATURES_MULTIPLE = 32  # widths the kernel handles (others crash or return wrong numbers)
-PACK_KERNEL_MAX_ROWS = 8  # int8_linear: the int8 kernel up to this many rows, a float matmul above
+PACK_KERNEL_MAX_ROWS = 4  # int8_linear: the int8 kernel up to this many rows, a float matmul above
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     The int8 kernel reads the weight once per input row (a gemv per row), so it wins only for
     a few rows; above PACK_KERNEL_MAX_ROWS (a batch of streams, a prefill) the weight is
     converted to the activations' dtype (exact: |q| <= 127) for one float matmul and the
-    scales applied to its output. SmolLM2's 30 gate/up matrices in bf16 on a 2-core
-    AVX512-BF16 Xeon, ms: 1 row 3.2 (bf16 gemv 5.9), 4 rows 6.7 (10.0), 16 rows 24.2 with
-    the kernel vs 16.8 converted (bf16 11.1), 256 rows 351 vs 56 (50) — bench/RESULTS.md."""
+    scales applied to its output. SmolLM2's 30 gate/up matrices with bf16 activations on a
+    2-core AVX512-BF16 Xeon (`bench/kernels.py`), ms: 1 row 3.4 (bf16 9.3), 4 rows 7.3
+    (11.2), 8 rows 12.3 (10.1); the kernel at 256 rows 351 vs 56 converted (bf16 50)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] <= PACK_KERNEL_MAX_ROWS:
@@ -123,7 +123,7 @@ def check_kernel(shape: tuple[int, int], dtype: torch.dtype, device: torch.devic
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(out_f, in_f, generator=gen).to(device)
     q, scales = quantize_rows(w)
-    for rows in (1, 5, PACK_KERNEL_MAX_ROWS + 1):
+    for rows in (1, PACK_KERNEL_MAX_ROWS, PACK_KERNEL_MAX_ROWS + 1):
         x = torch.randn(rows, in_f, generator=gen).to(device)
         want = x @ (q.float() * scales[:, None]).T
         got = int8_linear(x.to(dtype), q, scales.to(dtype), None).float()
