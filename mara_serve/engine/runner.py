@@ -16,7 +16,7 @@ its own attention and cache, so that one forward scores many candidates of many 
 
 Speed (gpt-fast style): q/k/v and gate/up projections run as one fused matmul each (the fused
 tensors are laid out once at load time, weights.py, and shared by every runner of the model);
-RMSNorm is `F.rms_norm`; RoPE runs once on q and k together from a precomputed cos/sin table.
+RMSNorm is `_rms_norm` (HF's own formula); RoPE runs once on q and k together from a precomputed cos/sin table.
 On CPU the per-op overhead of ~40 small ops per layer was a large share of a decode step.
 
 Shapes: N packed tokens, R rows, K max tokens per row, S keys, Hq/Hkv heads, g = Hq/Hkv.
@@ -72,6 +72,21 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
         y = torch.mv(w, x[0]) if b is None else torch.addmv(b, w, x[0])
         return y[None]
     return F.linear(x, w, b)
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the Llama-family HF modules compute it: in float32, the result rounded to
+    the model dtype, THEN scaled by the weight in that dtype. `F.rms_norm` scales before it
+    rounds: in bf16 the runner's hidden states then left the reference's (max |diff| 1.0 on
+    SmolLM2's prompt states) and greedy decoding flipped at ties the reference does not have
+    ("What is the capital of France?" answered "L'Étoile…" instead of "Paris"); with this
+    formula the runner's bf16 prefill states equal HF's bit for bit. float32 keeps the fused
+    `F.rms_norm` (the same numbers there)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], w, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +210,7 @@ class ModelRunner:
         with self.attention_kernels():
             x = self._prefill_layers(x, cos, sin, spans, masks)
         last = [b - 1 for *_, b in spans]
-        return F.rms_norm(x[last], x.shape[-1:], self.norm_w, self.norm_eps)
+        return _rms_norm(x[last], self.norm_w, self.norm_eps)
 
     def _prefill_layers(self, x, cos, sin, spans, masks) -> torch.Tensor:
         for li, layer in enumerate(self.layers):
@@ -281,7 +296,7 @@ class ModelRunner:
                 k_all, v_all = self.cache.prefix(i, rows, S)  # (R, Hkv, S, d)
                 o = self._attend(q, k_all, v_all, mask, R, kmax, flat)
                 x = self._attn_out_and_mlp(layer, x, o)
-        return F.rms_norm(x, x.shape[-1:], self.norm_w, self.norm_eps)
+        return _rms_norm(x, self.norm_w, self.norm_eps)
 
     def commit(self, slots: list[int], lengths: list[int], ranks: list[int]) -> None:
         """Keep each row's chosen candidate: its K/V move from length + rank to length."""
@@ -301,7 +316,7 @@ class ModelRunner:
 
     def _qkv(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         n, Hq, Hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        h = F.rms_norm(x, x.shape[-1:], layer.ln1_w, layer.ln1_eps)
+        h = _rms_norm(x, layer.ln1_w, layer.ln1_eps)
         qkv = _linear(h, layer.qkv_w, layer.qkv_b).view(n, Hq + 2 * Hkv, d)
         qk, v = qkv[:, : Hq + Hkv], qkv[:, Hq + Hkv :]
         if layer.q_norm is not None:
@@ -311,7 +326,7 @@ class ModelRunner:
 
     def _attn_out_and_mlp(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor):
         x = x + _linear(attn, layer.o_w, layer.o_b)
-        h = F.rms_norm(x, x.shape[-1:], layer.ln2_w, layer.ln2_eps)
+        h = _rms_norm(x, layer.ln2_w, layer.ln2_eps)
         gate, up = _linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
         return x + _linear(layer.act(gate) * up, layer.down_w, layer.down_b)
 

@@ -90,3 +90,23 @@ def test_one_bf16_row_on_cpu_runs_as_a_gemv_and_follows_the_reference(monkeypatc
     torch.testing.assert_close(_linear(x, w, b), torch.nn.functional.linear(x, w, b),
                                rtol=2e-2, atol=2e-2)  # fmt: skip
     assert calls["addmv"] == before + 1  # a bias goes through addmv
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_runner_prefill_states_equal_the_hf_model_in_half_precision(dtype):
+    """The runner's RMSNorm rounds like the HF module (float32, round, then scale by the
+    weight): its prefill states equal HF's forward bit for bit (F.rms_norm's order made them
+    differ, and greedy tokens flipped at ties the reference did not have)."""
+    from mara_serve.engine.runner import ModelRunner
+
+    lm = tiny_llama(dtype=dtype, init=0.1)
+    with torch.no_grad():  # norm weights of a trained model, not HF's initial ones
+        for name, p in lm.model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+    runner = ModelRunner(lm, max_slots=2)
+    for ids in PROMPTS[:4]:
+        with torch.inference_mode():
+            want = lm.model.model(torch.tensor([ids])).last_hidden_state[0, -1]
+            got = runner.prefill(0, ids)
+        assert torch.equal(got, want), (got.float() - want.float()).abs().max()
