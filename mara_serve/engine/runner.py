@@ -16,7 +16,8 @@ its own attention and cache, so that one forward scores many candidates of many 
 
 Speed (gpt-fast style): q/k/v and gate/up projections run as one fused matmul each (the fused
 tensors are laid out once at load time, weights.py, and shared by every runner of the model);
-RMSNorm is `_rms_norm` (HF's own formula); RoPE runs once on q and k together from a precomputed cos/sin table.
+RMSNorm is `_rms_norm` (HF's own rounding order); RoPE runs once on q and k together from a
+precomputed cos/sin table.
 On CPU the per-op overhead of ~40 small ops per layer was a large share of a decode step.
 
 Shapes: N packed tokens, R rows, K max tokens per row, S keys, Hq/Hkv heads, g = Hq/Hkv.
