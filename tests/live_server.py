@@ -75,7 +75,7 @@ def make_agent_network(lm: LoadedModel | None, mode: str, seed: int) -> AgentNet
             return net
         assert lm is not None
         ids = torch.randint(0, lm.vocab_size, (8, 32))
-        states = lm.model.model(ids).last_hidden_state.reshape(-1, HIDDEN)
+        states = lm.model.model(ids).last_hidden_state.reshape(-1, HIDDEN).float()
         net.output_linear.weight.mul_(200.0)
         net.output_linear.bias.zero_()
         logits = net(states)

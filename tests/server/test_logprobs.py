@@ -62,9 +62,11 @@ def test_chat_logprobs_shape_stream_equals_full(client) -> None:
         for choice in chunk.choices:
             if choice.logprobs is not None:
                 streamed += choice.logprobs.content
-    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [
-        (e.token, round(e.logprob, 5)) for e in content
-    ]
+    # same tokens; logprobs equal up to float rounding (the second request reuses the first
+    # one's cached prompt prefix, so its forward has other shapes: on an AVX512 CPU the 5th
+    # decimal moved, -2.42685 vs -2.42684)
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
 
 
 def test_mara_logprobs_show_the_agents_distance_from_the_model(client) -> None:

@@ -44,7 +44,8 @@ def ui_server(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     `reject` (rejects everything: every token is a fallback)."""
     root = tmp_path_factory.mktemp("ui")
     model_dir = http.build_tiny_model(root / "tiny-llama", context=4096)
-    lm = load_model(ModelConfig(model=str(model_dir), device="cpu"))
+    # float32 as in the HTTP tiers (auto would pick bf16 on a CPU with native bf16)
+    lm = load_model(ModelConfig(model=str(model_dir), device="cpu", dtype="float32"))
     agents = {}
     for name, seed in (("half", 1), ("reject", 0)):
         card = AgentCard(name=name, hidden_size=http.HIDDEN, inner_dim=64,
