@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mara_serve.engine.default_model import default_agents, default_cache_dir
 from mara_serve.engine.loading import ModelConfig
+from mara_serve.engine.quantization import QUANTIZATIONS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         default="none",
-        choices=["none", "int8"],
+        choices=QUANTIZATIONS,
         help="int8: weight-only int8 projections and LM head (CPU; pair with --dtype bfloat16)",
     )
     add_cache_dir_arg(p)

@@ -40,10 +40,6 @@ class Int8Weight:
     q: torch.Tensor  # (out, in) int8
     scales: torch.Tensor  # (out,) in the activations' dtype
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
 
 class Int8Linear(nn.Module):
     """y = x @ (weight_int8 * scales[:, None]).T + bias, without materialising the product."""
