@@ -138,6 +138,14 @@ def quantize_int8(model: nn.Module) -> int:
     many. A head tied to the embedding gets its own int8 copy (the embedding stays in the
     model dtype): +1 byte per vocabulary entry and width, for a fifth fewer bytes per step on
     a small model."""
+    from mara_serve.engine.weights import SUPPORTED_MODEL_TYPES  # weights.py imports this module
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"--quantization int8 supports the model types the batched engine runs "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}), not {model_type!r}"
+        )
     device, dtype = model.device, model.dtype
     if device.type != "cpu":
         raise ModelLoadError(

@@ -17,6 +17,7 @@ from mara_serve.engine.quantization import (
     Int8Weight,
     check_kernel,
     int8_linear,
+    quantize_int8,
     quantize_rows,
 )
 from mara_serve.engine.reference import reference_generate
@@ -98,3 +99,13 @@ def test_int8_linear_uses_the_int8_kernel_for_few_rows_and_a_float_matmul_above(
         got = int8_linear(x.bfloat16(), q, scales.bfloat16(), None).float()
         torch.testing.assert_close(got, x @ dequant.T, rtol=3e-2, atol=3e-2)
     assert calls == [1, PACK_KERNEL_MAX_ROWS]  # the kernel only up to PACK_KERNEL_MAX_ROWS
+
+
+def test_int8_refuses_a_model_type_the_engine_does_not_run():
+    """A clear load error, not an AttributeError from a layout it does not know."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=128,
+                                       n_positions=32, eos_token_id=1, bos_token_id=0))  # fmt: skip
+    with pytest.raises(ModelLoadError, match="not 'gpt2'"):
+        quantize_int8(model.eval())
