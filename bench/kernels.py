@@ -51,22 +51,29 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def variants(out_f: int, in_f: int, count: int, rows: int, threads: int) -> dict:
-    """name → a callable multiplying `rows` rows by `count` weights of shape (out_f, in_f)."""
+def weights(out_f: int, in_f: int, count: int, threads: int) -> dict:
+    """`count` random (out_f, in_f) weights in every layout a variant multiplies by."""
     g = torch.Generator().manual_seed(out_f * 7 + in_f)
     w32 = [torch.randn(out_f, in_f, generator=g) * 0.02 for _ in range(count)]
-    w16 = [w.bfloat16() for w in w32]
     groups = head_groups(out_f, threads) if count == 1 else None
-    split = [split_weight(w, None, threads, groups)[0] for w in w32]
-    q8 = [(q, s.bfloat16()) for q, s in map(quantize_rows, w32)]
-    x32 = torch.randn(rows, in_f, generator=g)
+    return {
+        "fp32": w32,
+        "fp32 split": [split_weight(w, None, threads, groups)[0] for w in w32],
+        "bf16": [w.bfloat16() for w in w32],
+        "int8": [(q, s.bfloat16()) for q, s in map(quantize_rows, w32)],
+    }
+
+
+def variants(ws: dict, in_f: int, rows: int) -> dict:
+    """name → a callable multiplying `rows` random rows by every weight of `ws`."""
+    x32 = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
     x16 = x32.bfloat16()
     return {
-        "fp32 F.linear": lambda: [F.linear(x32, w) for w in w32],
-        "fp32 served": lambda: [_linear(x32, w, None) for w in split],
-        "bf16 F.linear": lambda: [F.linear(x16, w) for w in w16],
-        "bf16 served": lambda: [_linear(x16, w, None) for w in w16],
-        "int8 (bf16 act)": lambda: [int8_linear(x16, q, s, None) for q, s in q8],
+        "fp32 F.linear": lambda: [F.linear(x32, w) for w in ws["fp32"]],
+        "fp32 served": lambda: [_linear(x32, w, None) for w in ws["fp32 split"]],
+        "bf16 F.linear": lambda: [F.linear(x16, w) for w in ws["bf16"]],
+        "bf16 served": lambda: [_linear(x16, w, None) for w in ws["bf16"]],
+        "int8 (bf16 act)": lambda: [int8_linear(x16, q, s, None) for q, s in ws["int8"]],
     }
 
 
@@ -83,8 +90,9 @@ def main() -> None:
     results: dict[str, dict[str, dict[str, float]]] = {}
     with torch.inference_mode():
         for name, (out_f, in_f, count) in shapes.items():
+            ws = weights(out_f, in_f, count, threads)  # built once per shape, for every row count
             for rows in [int(r) for r in args.rows.split(",")]:
-                fns = variants(out_f, in_f, count, rows, threads)
+                fns = variants(ws, in_f, rows)
                 per_round = {k: [] for k in fns}
                 for _ in range(rounds):
                     for k, fn in fns.items():
