@@ -96,13 +96,22 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
 
 
 def _projections(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of every linear layer the decoder multiplies by, and the LM head."""
-    found = []
-    for layer in model.model.layers:
-        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):  # fmt: skip
-            found += [(parent, n) for n in names]
-    found.append((model, "lm_head"))
+    """(parent, attribute) of every linear layer the decoder multiplies by, and the LM head;
+    ModelLoadError for a model without the Llama-family layout the batched engine runs."""
+    names = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+             ("mlp", ("gate_proj", "up_proj", "down_proj")))  # fmt: skip
+    try:
+        found = [(getattr(layer, part), n) for layer in model.model.layers
+                 for part, linears in names for n in linears]  # fmt: skip
+        found.append((model, "lm_head"))
+        for parent, n in found:  # each projection exists (else AttributeError)
+            getattr(parent, n)
+    except AttributeError:
+        model_type = getattr(model.config, "model_type", None)
+        raise ModelLoadError(
+            f"--quantization int8 needs a Llama-family model (q/k/v/o and gate/up/down "
+            f"projections); model type {model_type!r} is not one"
+        ) from None
     return found
 
 
@@ -138,14 +147,6 @@ def quantize_int8(model: nn.Module) -> int:
     many. A head tied to the embedding gets its own int8 copy (the embedding stays in the
     model dtype): +1 byte per vocabulary entry and width, for a fifth fewer bytes per step on
     a small model."""
-    from mara_serve.engine.weights import SUPPORTED_MODEL_TYPES  # weights.py imports this module
-
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(
-            f"--quantization int8 supports the model types the batched engine runs "
-            f"({', '.join(SUPPORTED_MODEL_TYPES)}), not {model_type!r}"
-        )
     device, dtype = model.device, model.dtype
     if device.type != "cpu":
         raise ModelLoadError(
