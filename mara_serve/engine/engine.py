@@ -82,6 +82,9 @@ class EngineConfig:
     # On a CPU in float32, run each projection as a batched matmul over slices of its output
     # rows (weights.split_for_cpu: every thread reads weights; measured ~2x on one-row matmuls).
     split_matmuls: bool = True
+    # On a CPU, one-token forwards and one-row LM heads in C (native/; float32 and bfloat16
+    # Llama-family models): a whole token is one call instead of ~1,300 eager ops.
+    native_decode: bool = True
     # Decode forwards padded to shape buckets and replayed as CUDA graphs (graphs.py). None: on
     # for a GPU (`--enforce-eager` turns it off); True on a CPU runs the padding eagerly (tests).
     captured_steps: bool | None = None
@@ -96,7 +99,10 @@ class LLMEngine:
             config.captured_steps if config.captured_steps is not None else lm.device.type == "cuda"
         )
         self.runner = ModelRunner(lm, config.max_running, config.split_matmuls, budget,
-                                  config.prefix_cache_tokens, captured)  # fmt: skip
+                                  config.prefix_cache_tokens, captured,
+                                  config.native_decode)  # fmt: skip
+        if config.native_decode and lm.device.type == "cpu" and self.runner.native is None:
+            log.warning("native decoding is off: %s", self.runner.native_off_reason)
         for note in self.runner.kv_plan.notes:
             log.warning("%s", note)
         self.max_running = self.runner.kv_plan.slots  # admission: a free slot holds a sequence
@@ -211,6 +217,8 @@ class LLMEngine:
             "kv_cache_bytes": self.runner.cache.nbytes, "kv_cache_slots": self.max_running,
             "kv_cache_tokens": sum(s.length for s in list(self.running)),
             "torch_threads": self.torch_threads, "model_weight_bytes": self.weight_bytes,
+            "native_decode": int(self.runner.native is not None),
+            "native_decode_forwards": self.runner.native.calls if self.runner.native else 0,
             **self.prefix_cache.stats(),
         }  # fmt: skip
 

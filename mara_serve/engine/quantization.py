@@ -82,7 +82,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     a few rows; above PACK_KERNEL_MAX_ROWS (a batch of streams, a prefill) the weight is
     converted to the activations' dtype (exact: |q| <= 127) for one float matmul and the
     scales applied to its output. SmolLM2's 30 gate/up matrices with bf16 activations on a
-    2-core AVX512-BF16 Xeon (`bench/kernels.py`), ms: 1 row 3.4 (bf16 9.3), 4 rows 7.3
+    2-core AVX512-BF16 Xeon (`bench/matmuls.py`), ms: 1 row 3.4 (bf16 9.3), 4 rows 7.3
     (11.2), 8 rows 12.3 (10.1); the kernel at 256 rows 351 vs 56 converted (bf16 50)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

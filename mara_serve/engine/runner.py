@@ -35,6 +35,7 @@ from mara_serve.engine.errors import UnsupportedModelError
 from mara_serve.engine.graphs import PaddedForward, pack_inputs, run_packed
 from mara_serve.engine.kv_cache import KVCache, KVPlan, bytes_per_position
 from mara_serve.engine.loading import LoadedModel
+from mara_serve.engine.native import NativeBuildError, NativeDecoder, unsupported_reason
 from mara_serve.engine.quantization import Int8Weight, int8_linear
 from mara_serve.engine.weights import (
     SUPPORTED_MODEL_TYPES,
@@ -103,12 +104,16 @@ class ModelRunner:
         kv_budget: int | None = None,
         kv_reserved_tokens: int = 0,
         padded_steps: bool = False,
+        native_decode: bool = False,
     ):
         """`max_slots` sequences at most; the KV cache is sized once from `kv_budget` bytes
         (None: every slot holds a full-length sequence), `kv_reserved_tokens` positions of it
         left to the prefix cache (kv_cache.KVPlan; `self.kv_plan` says what it fitted).
         `padded_steps`: decode forwards run over padded shape buckets, captured as CUDA graphs
-        on a GPU (graphs.py; on a CPU eagerly, for tests)."""
+        on a GPU (graphs.py; on a CPU eagerly, for tests). `native_decode`: on a CPU, forwards
+        of ONE token and one-row LM heads run in C (native/: one call instead of ~1,300 ops);
+        where it cannot (no compiler, unsupported model) the runner stays eager and
+        `native_off_reason` says why."""
         model = lm.model
         cfg = model.config
         if lm.weights is None:
@@ -163,6 +168,15 @@ class ModelRunner:
             if padded_steps
             else None
         )
+        self.native: NativeDecoder | None = None
+        self.native_off_reason: str | None = "off (--no-cpu-native-decode)"
+        if native_decode:
+            self.native_off_reason = unsupported_reason(self)
+            if self.native_off_reason is None:
+                try:
+                    self.native = NativeDecoder(self)
+                except NativeBuildError as e:
+                    self.native_off_reason = f"the native kernel did not build: {e}"
 
     def attention_kernels(self) -> AbstractContextManager:
         """The SDPA backends a forward may use (GPU_SDPA_BACKENDS on a GPU)."""
@@ -244,6 +258,10 @@ class ModelRunner:
         and captured (`self.padded`) where a bucket fits. Returns (N, H)."""
         kmax = max(col_of) + 1
         num_keys = max(lengths[r] + k for r, k in zip(row_of, rank_of, strict=True)) + 1
+        if self.native is not None and len(tokens) == 1 and self.padded is None:
+            store = lengths[0] + rank_of[0]
+            self.cache.check(store + 1)
+            return self.native.decode(tokens[0], slots[0], lengths[0], store)
         dense = slots == list(range(len(slots)))
         if self.padded is not None:
             shape = self.padded.shape(len(slots), kmax, num_keys, dense)
@@ -310,6 +328,8 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (M, H) → float32 logits (M, V): the LM head on the chosen states only."""
+        if self.native is not None and hidden.shape[0] == 1:
+            return self.native.logits(hidden)
         return _linear(hidden, self.head_w, self.head_b).float()
 
     # ---- pieces -------------------------------------------------------------------------

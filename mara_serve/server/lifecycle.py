@@ -53,6 +53,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         prefix_cache_tokens=settings.prefix_cache_tokens,
         batch_prefill=settings.batch_prefill,
         split_matmuls=settings.cpu_split_matmuls,
+        native_decode=settings.cpu_native_decode,
         captured_steps=False if settings.enforce_eager else None,
         kv_cache_memory=settings.kv_cache_memory,
         gpu_memory_utilization=settings.gpu_memory_utilization,

@@ -68,6 +68,8 @@ METRIC_NAMES = frozenset(
         "mara_kv_cache_tokens",
         "mara_torch_threads",
         "mara_model_weight_bytes",
+        "mara_native_decode",
+        "mara_native_decode_forwards_total",
     }
 )
 
@@ -334,7 +336,15 @@ class _EngineStatsCollector(Collector):
             ("mara_model_weight_bytes", "Bytes of the base model's weights in memory "
              "(--dtype, --quantization).", stats.get("model_weight_bytes", 0)),
         ]  # fmt: skip
-        out = [held, queried, hits]
+        native = CounterMetricFamily(
+            "mara_native_decode_forwards",
+            "One-token forwards run by the native CPU kernel (--cpu-native-decode).",
+        )
+        native.add_metric([], stats.get("native_decode_forwards", 0))
+        gauges.append(("mara_native_decode", "1 when one-token forwards run in the native CPU "
+                       "kernel (--cpu-native-decode; the log says why not).",
+                       stats.get("native_decode", 0)))  # fmt: skip
+        out = [held, queried, hits, native]
         for name, doc, value in gauges:
             family = GaugeMetricFamily(name, doc)
             family.add_metric([], value)

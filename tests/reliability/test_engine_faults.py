@@ -58,6 +58,7 @@ def test_a_device_error_on_every_step_kills_the_engine_within_one_step(start_ser
         waiting = OpenStream(live, chat(BASE, "Another story.", 400))
         wait_for(lambda: engine.num_waiting == 1, 5)
         gate.clear()  # hold the engine between two steps, then break the device
+        engine.runner.score = device_error  # the decode forward (native or eager)
         engine.runner.forward_tokens = device_error
         engine.runner.prefill_batch = device_error
         gate.set()

@@ -331,3 +331,25 @@ def test_int8_quantization_serves_the_quantized_model(tiny_model_dir: Path) -> N
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_native_decode_serves_and_can_be_turned_off(tiny_model_dir: Path) -> None:
+    """By default one-token forwards run in the native CPU kernel (/metrics counts them);
+    `--no-cpu-native-decode` serves on the eager runner. Same greedy text either way (float32)."""
+    texts = []
+    for flags, native in (((), 1), (("--no-cpu-native-decode",), 0)):
+        proc, url = serve_process(tiny_model_dir, "--dtype", "float32", *flags)
+        try:
+            r = httpx.post(url + "/v1/chat/completions", json={
+                "model": BASE, "messages": MESSAGES, "max_tokens": 8, "temperature": 0,
+            })  # fmt: skip
+            assert r.status_code == 200, r.text
+            texts.append(r.json()["choices"][0]["message"]["content"])
+            metrics = httpx.get(url + "/metrics").text
+            assert metric_value(metrics, "mara_native_decode") == native
+            forwards = metric_value(metrics, "mara_native_decode_forwards_total")
+            assert (forwards >= 7) if native else forwards == 0
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    assert texts[0] == texts[1]

@@ -7,9 +7,9 @@ matmuls in float32 on a CPU, a gemv for one bf16 row), and int8 weights (`int8_l
 int8 kernel up to `PACK_KERNEL_MAX_ROWS` rows, a converted matmul above). Rounds alternate the
 variants so a noisy machine hurts them alike; each cell is the median of the rounds' medians.
 
-    python bench/kernels.py                  # SmolLM2-135M's shapes, rows 1,2,4,8,16,64
-    python bench/kernels.py --rows 1,4 --rounds 5
-    python bench/kernels.py --tiny           # seconds: small shapes (CI keeps it running)
+    python bench/matmuls.py                  # SmolLM2-135M's shapes, rows 1,2,4,8,16,64
+    python bench/matmuls.py --rows 1,4 --rounds 5
+    python bench/matmuls.py --tiny           # seconds: small shapes (CI keeps it running)
 
 Prints a table (ms per 30 matrices) and one JSON line.
 """

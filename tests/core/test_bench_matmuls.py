@@ -1,4 +1,4 @@
-"""`bench/kernels.py --tiny` runs end to end (the projection-kernel numbers in
+"""`bench/matmuls.py --tiny` runs end to end (the projection-kernel numbers in
 bench/RESULTS.md come from it) and times every variant at every row count it was asked for."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "matmuls.py"
 
 
 def test_kernels_benchmark_runs_every_variant():
