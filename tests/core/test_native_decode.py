@@ -112,3 +112,36 @@ def test_a_failing_compiler_raises_its_message(tmp_path, monkeypatch):
     with pytest.raises(native.NativeBuildError, match="failed"):
         native.compile_library(tmp_path / "x.so")
     assert not list(tmp_path.iterdir())  # no half-written library left behind
+
+
+def test_without_a_compiler_the_best_prebuilt_kernel_for_the_cpu_is_loaded(tmp_path, monkeypatch):
+    """The container image's runtime has no compiler: `prebuild` (run at image build time)
+    leaves portable builds, and `build` loads the best one the CPU runs."""
+    made = native.prebuild(tmp_path)
+    assert made and all(p.exists() for p in made)
+    if "x86-64" in native.PORTABLE_BUILDS and (tmp_path / "decode_cpu-x86-64.so").exists():
+        bf16_cpu = set(native.PORTABLE_BUILDS["x86-64-v4-bf16"][1])
+        assert native.prebuilt_for(bf16_cpu, tmp_path).name == "decode_cpu-x86-64-v4-bf16.so"
+        avx2_cpu = set(native.PORTABLE_BUILDS["x86-64-v3"][1])
+        assert native.prebuilt_for(avx2_cpu, tmp_path).name == "decode_cpu-x86-64-v3.so"
+        assert native.prebuilt_for(set(), tmp_path).name == "decode_cpu-x86-64.so"
+    monkeypatch.setattr(native, "PREBUILT_DIR", tmp_path)
+    monkeypatch.setenv("MARA_NATIVE_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    monkeypatch.setattr(native, "_lib", None)
+    lm = tiny_llama()
+    runner = ModelRunner(lm, max_slots=1, native_decode=True)
+    assert runner.native is not None, runner.native_off_reason
+    assert runner.native.lib._name.startswith(str(tmp_path))  # the prebuilt one
+    runner.prefill(0, PROMPTS[0])
+    L = len(PROMPTS[0])
+    mine = runner.score([0], [L], [5], [0], [0], [0])
+    eager = runner.forward_tokens(1, torch.tensor([L]), torch.tensor([5]), torch.tensor([0]),
+                                  torch.tensor([0]), 1)  # fmt: skip
+    torch.testing.assert_close(mine, eager, **TOL[torch.float32])
+    monkeypatch.setattr(native, "_lib", None)
+    (tmp_path / "decode_cpu-x86-64.so").unlink(missing_ok=True)
+    for p in tmp_path.glob("decode_cpu-*.so"):
+        p.unlink()
+    with pytest.raises(native.NativeBuildError, match="no prebuilt kernel"):
+        native.build()

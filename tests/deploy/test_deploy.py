@@ -529,6 +529,15 @@ def test_dockerfile_builds_cpu_by_default_with_cuda_variant_and_model_baked_in()
     assert cache_dir == dockerfile_env(final_stage())["MARA_CACHE_DIR"]
     # save_pretrained writes model.safetensors as 0600 root: the non-root user must be let in.
     assert f"chmod -R a+rX {cache_dir}" in fetch
+    # the runtime has no compiler: the native CPU kernel's portable builds are made in the
+    # builder, after the package is installed (they land inside the installed package)
+    install = next(
+        i
+        for i, (k, a) in enumerate(instr)
+        if k == "RUN" and "pip install --no-deps" in a and " ." in a
+    )
+    assert "python -m mara_serve.engine.native" in instr[install][1]
+    assert any(k == "RUN" and "gcc" in a for k, a in instr[:install])
     stage = final_stage()
     assert any(k == "COPY" and a.startswith("--from=builder") for k, a in stage)
     entrypoint = [json.loads(a) for k, a in stage if k == "ENTRYPOINT"]

@@ -9,9 +9,12 @@ int8 — stays on the eager runner.
 
 The C file is compiled with the machine's C compiler (`cc`, `-march=native`, OpenMP) the first
 time it is needed and cached under `$XDG_CACHE_HOME/mara-serve/native` (or `MARA_NATIVE_CACHE`),
-keyed by the source, the compiler flags and the CPU's feature flags. `build()` raises
-`NativeBuildError` with the compiler's message when that fails; the engine then logs it and
-serves on the eager runner (`native_decode` off), and `/metrics` says which path runs.
+keyed by the source, the compiler flags and the CPU's feature flags. Where there is no compiler
+(the container image's runtime), `prebuild()` — run at image build time, `python -m
+mara_serve.engine.native` — has left portable builds (x86-64-v4 with and without AVX512-BF16,
+v3, baseline) next to this file, and the best one this CPU runs is loaded. `build()` raises
+`NativeBuildError` when neither works; the engine then logs why and serves on the eager runner,
+and `/metrics` says which path runs.
 """
 
 from __future__ import annotations
@@ -33,7 +36,19 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_cpu.c")
-CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC")
+BASE_CFLAGS = ("-O3", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC")
+CFLAGS = (*BASE_CFLAGS, "-march=native")
+PREBUILT_DIR = Path(__file__).with_name("prebuilt")
+
+# Portable builds, best first: name → (-march flags, the /proc/cpuinfo flags a CPU needs).
+_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+PORTABLE_BUILDS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
+    "x86-64-v4-bf16": (("-march=x86-64-v4", "-mavx512bf16"), frozenset(_V4 | {"avx512_bf16"})),
+    "x86-64-v4": (("-march=x86-64-v4",), frozenset(_V4)),
+    "x86-64-v3": (("-march=x86-64-v3",), frozenset(_V3)),
+    "x86-64": (("-march=x86-64",), frozenset()),
+}
 
 
 class NativeBuildError(RuntimeError):
@@ -109,7 +124,7 @@ def library_path() -> Path:
     return cache_dir() / f"decode_cpu-{key.hexdigest()[:16]}.so"
 
 
-def compile_library(target: Path) -> None:
+def compile_library(target: Path, cflags: tuple[str, ...] = CFLAGS) -> None:
     """Compile decode_cpu.c to `target` (atomically: concurrent processes never load half a
     file). Raises NativeBuildError with the compiler's message."""
     cc = compiler()
@@ -118,7 +133,7 @@ def compile_library(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"]
+    cmd = [cc, *cflags, "-o", tmp, str(SOURCE), "-lm"]
     log.info("compiling the native decode kernel: %s", " ".join(cmd))
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -139,7 +154,16 @@ def build() -> ctypes.CDLL:
             return _lib
         target = library_path()
         if not target.exists():
-            compile_library(target)
+            if compiler() is not None:
+                compile_library(target)
+            else:
+                target = prebuilt_for(set(_cpu_flags().split()))
+                if target is None:
+                    raise NativeBuildError(
+                        "no C compiler found (set CC, or install gcc) and no prebuilt kernel "
+                        f"for this CPU in {PREBUILT_DIR}"
+                    )
+                log.info("no C compiler: loading the prebuilt native kernel %s", target.name)
         try:
             # torch is imported (and with it its libgomp): the library's libgomp.so.1 resolves
             # to that same runtime, so its threads are torch's.
@@ -158,6 +182,31 @@ def build() -> ctypes.CDLL:
                                   ctypes.c_void_p]  # fmt: skip
         _lib = lib
         return lib
+
+
+def prebuild(directory: Path | None = None) -> list[Path]:
+    """Compile every portable build into `directory` (default PREBUILT_DIR; the container
+    image runs this where it has a compiler, so that its runtime needs none)."""
+    directory = directory or PREBUILT_DIR
+    made = []
+    machine = platform.machine().lower()
+    builds = PORTABLE_BUILDS if machine in ("x86_64", "amd64") else {"generic": ((), frozenset())}
+    for name, (march, _) in builds.items():
+        target = directory / f"decode_cpu-{name}.so"
+        compile_library(target, (*BASE_CFLAGS, *march))
+        made.append(target)
+    return made
+
+
+def prebuilt_for(cpu_flags: set[str], directory: Path | None = None) -> Path | None:
+    """The best prebuilt library a CPU with `cpu_flags` runs (None: none there)."""
+    directory = directory or PREBUILT_DIR
+    for name, (_, needs) in PORTABLE_BUILDS.items():
+        path = directory / f"decode_cpu-{name}.so"
+        if needs <= cpu_flags and path.exists():
+            return path
+    generic = directory / "decode_cpu-generic.so"
+    return generic if generic.exists() else None
 
 
 def unsupported_reason(runner) -> str | None:
