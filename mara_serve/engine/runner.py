@@ -47,6 +47,9 @@ from mara_serve.engine.weights import (
 )
 
 MAX_CANDIDATES = 256  # the largest top_k a MARA step may use (scratch positions per row)
+# Decode forwards of up to this many tokens (rows x candidates) run in the native kernel
+# (native/), larger ones eagerly (bench/RESULTS.md: the crossover on a 2-core CPU).
+NATIVE_MAX_TOKENS = 16
 
 # SDPA kernels the runner uses on a GPU. Not cuDNN's, torch's first choice on Hopper: it builds
 # an execution plan on the host for every new shape, and the key length grows every decode
@@ -258,10 +261,11 @@ class ModelRunner:
         and captured (`self.padded`) where a bucket fits. Returns (N, H)."""
         kmax = max(col_of) + 1
         num_keys = max(lengths[r] + k for r, k in zip(row_of, rank_of, strict=True)) + 1
-        if self.native is not None and len(tokens) == 1 and self.padded is None:
-            store = lengths[0] + rank_of[0]
-            self.cache.check(store + 1)
-            return self.native.decode(tokens[0], slots[0], lengths[0], store)
+        if self.native is not None and len(tokens) <= NATIVE_MAX_TOKENS and self.padded is None:
+            token_lengths = [lengths[r] for r in row_of]
+            stores = [n + k for n, k in zip(token_lengths, rank_of, strict=True)]
+            self.cache.check(max(stores) + 1)
+            return self.native.decode(tokens, [slots[r] for r in row_of], token_lengths, stores)
         dense = slots == list(range(len(slots)))
         if self.padded is not None:
             shape = self.padded.shape(len(slots), kmax, num_keys, dense)
@@ -328,7 +332,7 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (M, H) → float32 logits (M, V): the LM head on the chosen states only."""
-        if self.native is not None and hidden.shape[0] == 1:
+        if self.native is not None and hidden.shape[0] <= NATIVE_MAX_TOKENS:
             return self.native.logits(hidden)
         return _linear(hidden, self.head_w, self.head_b).float()
 

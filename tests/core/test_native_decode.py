@@ -145,3 +145,29 @@ def test_without_a_compiler_the_best_prebuilt_kernel_for_the_cpu_is_loaded(tmp_p
         p.unlink()
     with pytest.raises(native.NativeBuildError, match="no prebuilt kernel"):
         native.build()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_batch_of_rows_and_candidates_equals_the_eager_tree_forward(dtype):
+    """Two rows, 5 and 2 candidates (tree attention: each sees its row's prefix and itself):
+    the native batch equals the eager forward, and each token's state is the same bits as when
+    it runs alone (a batch never changes a token's numbers)."""
+    lm = tiny_llama(dtype=dtype)
+    runner = ModelRunner(lm, max_slots=2, native_decode=True)
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    for slot, p in enumerate(prompts):
+        runner.prefill(slot, p)
+    lengths = [len(p) for p in prompts]
+    tokens, row_of, col_of = [3, 9, 27, 81, 5, 44, 45], [0, 0, 0, 0, 0, 1, 1], [0, 1, 2, 3, 4, 0, 1]
+    calls = runner.native.calls
+    mine = runner.score([0, 1], lengths, tokens, row_of, col_of, col_of)
+    assert runner.native.calls == calls + 1
+    eager = runner.forward_tokens(2, torch.tensor(lengths), torch.tensor(tokens),
+                                  torch.tensor(row_of), torch.tensor(col_of), 5)  # fmt: skip
+    torch.testing.assert_close(mine.float(), eager.float(), **TOL[dtype])
+    for i in (0, 4, 6):
+        r = row_of[i]
+        alone = runner.score([r], [lengths[r]], [tokens[i]], [0], [0], [col_of[i]])
+        assert torch.equal(alone[0], mine[i])
+    torch.testing.assert_close(runner.logits(mine), runner.lm.weights.lm_head(mine).float(),
+                               **TOL[dtype])  # fmt: skip

@@ -171,14 +171,13 @@ def build() -> ctypes.CDLL:
         except OSError as e:
             raise NativeBuildError(f"cannot load {target}: {e}") from e
         lib.mara_scratch_floats.restype = ctypes.c_long
-        lib.mara_scratch_floats.argtypes = [ctypes.POINTER(_Decoder), ctypes.c_long]
-        lib.mara_decode_one.restype = None
-        lib.mara_decode_one.argtypes = [ctypes.POINTER(_Decoder), ctypes.c_long, ctypes.c_long,
-                                        ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                                        ctypes.c_void_p]  # fmt: skip
-        lib.mara_gemv.restype = None
-        lib.mara_gemv.argtypes = [ctypes.POINTER(_Decoder), ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+        lib.mara_scratch_floats.argtypes = [ctypes.POINTER(_Decoder), ctypes.c_long,
+                                            ctypes.c_long]  # fmt: skip
+        lib.mara_decode.restype = None
+        lib.mara_decode.argtypes = [ctypes.POINTER(_Decoder), ctypes.c_long, *[ctypes.c_void_p] * 6]
+        lib.mara_head.restype = None
+        lib.mara_head.argtypes = [ctypes.POINTER(_Decoder), ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
                                   ctypes.c_void_p]  # fmt: skip
         _lib = lib
         return lib
@@ -289,25 +288,31 @@ class NativeDecoder:
             self._scratch = torch.empty(max(floats, 2 * self._scratch.numel()))
         return self._scratch.data_ptr()
 
-    def decode(self, token: int, slot: int, length: int, store: int) -> torch.Tensor:
-        """The final hidden state (1, H) of `token` at position `length` of `slot`, its K/V
-        written at cache position `store` (≥ length; it sees [0, length) and itself)."""
+    def decode(self, tokens: list[int], slots: list[int], lengths: list[int],
+               stores: list[int]) -> torch.Tensor:  # fmt: skip
+        """Final hidden states (N, H) of N tokens: token i sits at position lengths[i] of
+        slot slots[i], its K/V are written at cache position stores[i] (>= lengths[i]) and it
+        sees [0, lengths[i]) and itself (candidates of one row share its slot)."""
+        n = len(tokens)
         self.struct.n_threads = torch.get_num_threads()
-        scratch = self._scratch_for(self.lib.mara_scratch_floats(self._ref, length + 1))
-        out = torch.empty(1, self.hidden, dtype=self.dtype)
-        self.lib.mara_decode_one(self._ref, token, slot, length, store, out.data_ptr(), scratch)
+        ints = torch.tensor([tokens, slots, lengths, stores], dtype=torch.long)
+        scratch = self._scratch_for(self.lib.mara_scratch_floats(self._ref, n, max(lengths) + 1))
+        out = torch.empty(n, self.hidden, dtype=self.dtype)
+        p, step = ints.data_ptr(), n * ints.element_size()
+        self.lib.mara_decode(self._ref, n, p, p + step, p + 2 * step, p + 3 * step,
+                             out.data_ptr(), scratch)  # fmt: skip
         self.calls += 1
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head on one state (1, H) → float32 logits (1, V), rounded as the eager
-        head (model dtype, then float32)."""
-        rows = self.head_w.shape[0]
+        """The LM head on states (M, H) → float32 logits (M, V), rounded as the eager head
+        (model dtype, then float32)."""
+        n, rows = hidden.shape[0], self.head_w.shape[0]
         x = hidden.contiguous()
-        y = torch.empty(1, rows, dtype=self.dtype)
-        scratch = self._scratch_for(rows + self.hidden)
-        self.lib.mara_gemv(self._ref, self.head_w.data_ptr(), x.data_ptr(), y.data_ptr(), rows,
-                           self.hidden, scratch)  # fmt: skip
+        y = torch.empty(n, rows, dtype=self.dtype)
+        scratch = self._scratch_for(n * (2 * self.hidden + rows))
+        self.lib.mara_head(self._ref, self.head_w.data_ptr(), x.data_ptr(), y.data_ptr(), n,
+                           rows, self.hidden, scratch)  # fmt: skip
         if self.head_b is not None:
             y = y + self.head_b
         return y.float()

@@ -28,7 +28,7 @@ typedef struct {
     int n_layers, hidden, n_heads, n_kv_heads, head_dim, inter;
     int bf16;       /* weights, cache and tables are bf16 (else float32) */
     int n_threads;
-    int silu;       /* the MLP activation is SiLU (the only one native.py passes) */
+    int silu;       /* the MLP activation is SiLU (the only one native.py supports) */
     float scale;    /* attention scale */
     long slots, capacity; /* KV cache shape (per layer: slots x Hkv x capacity x d) */
     const void *const *ln1_w, *const *ln2_w;
@@ -73,139 +73,134 @@ static inline void put(const mara_decoder *m, void *p, long i, float f) {
         ((float *)p)[i] = f;
 }
 
-/* The dot product of one weight row with x (cols floats; for a bf16 model `xb` holds x as
-   bf16, exact since every gemv input is rounded to bf16). Rows are read one after another
-   (a sequential stream the prefetcher follows: faster than interleaving several rows) with
-   independent accumulators (one chain is bound by the FMA latency, not by memory). AVX-512,
-   with AVX512-BF16's dot-product instruction where the CPU has it, or AVX2; plain C otherwise.
-   Measured on a 2-core AVX512-BF16 EPYC, 30 matrices 3072 x 576: one row per step with the
-   bf16 dot product 30-33 GB/s, a plain read of the same bytes 31-36 GB/s (bench/RESULTS.md). */
+/* Dot products of one weight row with the inputs of K tokens (K = 1 or 4), written to
+   out[t * os]. The row is read from memory once for all K tokens (a batch of a step's tokens
+   costs little more than one: the weights, not the arithmetic, bound a CPU decode), rows one
+   after another (a sequential stream the prefetcher follows), with two accumulators per token
+   (one chain is bound by the FMA latency). Each token's sums run in the same order whatever K,
+   so a token's result does not depend on what else is in the batch. For a bf16 model `xb`
+   holds the inputs as bf16 (exact: every projection input is rounded to bf16) for AVX512-BF16's
+   dot-product instruction. Measured on a 2-core AVX512-BF16 EPYC, 30 matrices 3072 x 576, one
+   token: 30-33 GB/s, a plain read of the same bytes 31-36 GB/s (bench/RESULTS.md). */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-static inline __m512 bf16x16(const uint16_t *p) {
+typedef __m512 vec;
+#define VW 16
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSUM2(a, b) _mm512_reduce_add_ps(_mm512_add_ps(a, b))
+static inline __m512 vload_bf16(const uint16_t *p) {
     __m256i v = _mm256_loadu_si256((const __m256i *)p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
-
-static inline float dot_bf16(const uint16_t *w, long cols, const float *x, const uint16_t *xb) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-    long j = 0;
-#if defined(__AVX512BF16__)
-    for (; j + 64 <= cols; j += 64) {
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + j),
-                              (__m512bh)_mm512_loadu_si512(xb + j));
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + j + 32),
-                              (__m512bh)_mm512_loadu_si512(xb + j + 32));
-    }
-#else
-    (void)xb;
-#endif
-    for (; j + 32 <= cols; j += 32) {
-        a0 = _mm512_fmadd_ps(bf16x16(w + j), _mm512_loadu_ps(x + j), a0);
-        a1 = _mm512_fmadd_ps(bf16x16(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
-    }
-    float r = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    for (; j < cols; j++) r += bf16_to_f(w[j]) * x[j];
-    return r;
-}
-
-static inline float dot_f32(const float *w, long cols, const float *x) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    long j = 0;
-    for (; j + 64 <= cols; j += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 32), _mm512_loadu_ps(x + j + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 48), _mm512_loadu_ps(x + j + 48), a3);
-    }
-    for (; j + 16 <= cols; j += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), a0);
-    float r = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    for (; j < cols; j++) r += w[j] * x[j];
-    return r;
-}
 #elif defined(__AVX2__) && defined(__FMA__)
-static inline float hsum8(__m256 v) {
+typedef __m256 vec;
+#define VW 8
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline float VSUM2(__m256 a, __m256 b) {
+    __m256 v = _mm256_add_ps(a, b);
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
 }
-
-static inline __m256 bf16x8(const uint16_t *p) {
+static inline __m256 vload_bf16(const uint16_t *p) {
     __m128i v = _mm_loadu_si128((const __m128i *)p);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
-
-static inline float dot_bf16(const uint16_t *w, long cols, const float *x, const uint16_t *xb) {
-    (void)xb;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    long j = 0;
-    for (; j + 32 <= cols; j += 32) {
-        a0 = _mm256_fmadd_ps(bf16x8(w + j), _mm256_loadu_ps(x + j), a0);
-        a1 = _mm256_fmadd_ps(bf16x8(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-        a2 = _mm256_fmadd_ps(bf16x8(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
-        a3 = _mm256_fmadd_ps(bf16x8(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
-    }
-    for (; j + 8 <= cols; j += 8) a0 = _mm256_fmadd_ps(bf16x8(w + j), _mm256_loadu_ps(x + j), a0);
-    float r = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; j < cols; j++) r += bf16_to_f(w[j]) * x[j];
-    return r;
-}
-
-static inline float dot_f32(const float *w, long cols, const float *x) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    long j = 0;
-    for (; j + 32 <= cols; j += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
-    }
-    for (; j + 8 <= cols; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
-    float r = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; j < cols; j++) r += w[j] * x[j];
-    return r;
-}
 #else
-static inline float dot_bf16(const uint16_t *w, long cols, const float *x, const uint16_t *xb) {
-    (void)xb;
-    float acc = 0.f;
-    for (long j = 0; j < cols; j++) acc += bf16_to_f(w[j]) * x[j];
-    return acc;
-}
-
-static inline float dot_f32(const float *w, long cols, const float *x) {
-    float acc = 0.f;
-    for (long j = 0; j < cols; j++) acc += w[j] * x[j];
-    return acc;
-}
+typedef float vec;
+#define VW 1
+#define VZERO() 0.f
+#define VLOAD(p) (*(p))
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VSUM2(a, b) ((a) + (b))
+static inline float vload_bf16(const uint16_t *p) { return bf16_to_f(*p); }
 #endif
+#define VLOAD_F32(p) VLOAD(p)
 
-/* y[i] = x . w[i] for i < rows, w (rows, cols): float32 accumulation, rows split across the
-   threads so each weight byte is read once. */
-static void gemv_bf16(const uint16_t *w, const float *x, const uint16_t *xb, float *y,
-                      long rows, long cols, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (long i = 0; i < rows; i++) y[i] = dot_bf16(w + i * cols, cols, x, xb);
-}
-
-static void gemv_f32(const float *w, const float *x, float *y, long rows, long cols, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (long i = 0; i < rows; i++) y[i] = dot_f32(w + i * cols, cols, x);
-}
-
-static void linear(const mara_decoder *m, const void *w, const void *b, const float *x, float *y,
-                   long rows, long cols) {
-    if (m->bf16) {
-        uint16_t xb[cols]; /* x as bf16 (exact: every gemv input is rounded to bf16) */
-        for (long j = 0; j < cols; j++) xb[j] = f_to_bf16(x[j]);
-        gemv_bf16((const uint16_t *)w, x, xb, y, rows, cols, m->n_threads);
+#if defined(__AVX512BF16__)
+/* 64 columns a step with the bf16 dot product (two bf16 pairs per float lane). */
+#define DP_STEPS(K)                                                                         \
+    for (; j + 64 <= cols; j += 64) {                                                       \
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + j);                                  \
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + j + 32);                             \
+        for (int t = 0; t < K; t++) {                                                       \
+            a[t][0] = _mm512_dpbf16_ps(a[t][0], w0, (__m512bh)_mm512_loadu_si512(xb + t * xs + j)); \
+            a[t][1] = _mm512_dpbf16_ps(a[t][1], w1,                                         \
+                                       (__m512bh)_mm512_loadu_si512(xb + t * xs + j + 32)); \
+        }                                                                                   \
     }
-    else
-        gemv_f32((const float *)w, x, y, rows, cols, m->n_threads);
-    for (long i = 0; i < rows; i++) {
-        float v = m->bf16 ? rnd(m, y[i]) : y[i];
-        if (b) v = rnd(m, v + load(m, b, i));
-        y[i] = v;
+#else
+#define DP_STEPS(K) (void)xb;
+#endif
+#define NO_DP_STEPS(K) (void)xb;
+
+#define DEFINE_DOT(NAME, K, T, VLOADW, TO_F, STEPS)                                         \
+    static inline void NAME(const T *w, long cols, const float *x, const uint16_t *xb,      \
+                            long xs, float *out, long os) {                                 \
+        vec a[K][2];                                                                        \
+        for (int t = 0; t < K; t++) a[t][0] = a[t][1] = VZERO();                            \
+        long j = 0;                                                                         \
+        STEPS(K)                                                                            \
+        for (; j + 2 * VW <= cols; j += 2 * VW) {                                           \
+            vec w0 = VLOADW(w + j), w1 = VLOADW(w + j + VW);                                \
+            for (int t = 0; t < K; t++) {                                                   \
+                a[t][0] = VFMA(w0, VLOAD(x + t * xs + j), a[t][0]);                         \
+                a[t][1] = VFMA(w1, VLOAD(x + t * xs + j + VW), a[t][1]);                    \
+            }                                                                               \
+        }                                                                                   \
+        for (int t = 0; t < K; t++) {                                                       \
+            float r = VSUM2(a[t][0], a[t][1]);                                              \
+            for (long jj = j; jj < cols; jj++) r += TO_F(w[jj]) * x[t * xs + jj];           \
+            out[t * os] = r;                                                                \
+        }                                                                                   \
+    }
+
+static inline float f32_id(float v) { return v; }
+DEFINE_DOT(dot1_bf16, 1, uint16_t, vload_bf16, bf16_to_f, DP_STEPS)
+DEFINE_DOT(dot4_bf16, 4, uint16_t, vload_bf16, bf16_to_f, DP_STEPS)
+DEFINE_DOT(dot1_f32, 1, float, VLOAD_F32, f32_id, NO_DP_STEPS)
+DEFINE_DOT(dot4_f32, 4, float, VLOAD_F32, f32_id, NO_DP_STEPS)
+
+/* y[t * rows + i] = x_t . w[i] for n tokens (x_t = x + t * cols), w (rows, cols): float32
+   accumulation; rows split across the threads so each weight byte is read once. */
+#define DEFINE_GEMM(NAME, T, DOT1, DOT4)                                                    \
+    static void NAME(const T *w, const float *x, const uint16_t *xb, float *y, long n,      \
+                     long rows, long cols, int nt) {                                        \
+        _Pragma("omp parallel for num_threads(nt) schedule(static)")                       \
+        for (long i = 0; i < rows; i++) {                                                   \
+            const T *wi = w + i * cols;                                                     \
+            long t = 0;                                                                     \
+            for (; t + 4 <= n; t += 4)                                                      \
+                DOT4(wi, cols, x + t * cols, xb + t * cols, cols, y + t * rows + i, rows);  \
+            for (; t < n; t++)                                                              \
+                DOT1(wi, cols, x + t * cols, xb + t * cols, cols, y + t * rows + i, rows);  \
+        }                                                                                   \
+    }
+
+DEFINE_GEMM(gemm_bf16, uint16_t, dot1_bf16, dot4_bf16)
+DEFINE_GEMM(gemm_f32, float, dot1_f32, dot4_f32)
+
+/* y (n x rows) = x (n x cols) . w^T (+ b), rounded to the dtype like the eager projection
+   (the sum rounded, then the bias added and rounded). `xb`: room for n x cols bf16. */
+static void linear(const mara_decoder *m, const void *w, const void *b, const float *x,
+                   uint16_t *xb, float *y, long n, long rows, long cols) {
+    if (m->bf16) {
+        for (long j = 0; j < n * cols; j++) xb[j] = f_to_bf16(x[j]);
+        gemm_bf16((const uint16_t *)w, x, xb, y, n, rows, cols, m->n_threads);
+    } else {
+        gemm_f32((const float *)w, x, xb, y, n, rows, cols, m->n_threads);
+    }
+    for (long t = 0; t < n; t++) {
+        float *yt = y + t * rows;
+        for (long i = 0; i < rows; i++) {
+            float v = rnd(m, yt[i]);
+            if (b) v = rnd(m, v + load(m, b, i));
+            yt[i] = v;
+        }
     }
 }
 
@@ -230,18 +225,35 @@ static void rope(const mara_decoder *m, float *x, const void *cos, const void *s
     memcpy(x, tmp, d * sizeof(float));
 }
 
-/* One query head against its kv head: keys [0, length) and `store`; out (d). */
+/* acc[j] += a * v[j] for a row of d values in the model dtype. */
+static inline void axpy(const mara_decoder *m, float *acc, float a, const void *v, long d) {
+    if (m->bf16) {
+        const uint16_t *vb = (const uint16_t *)v;
+#pragma omp simd
+        for (long j = 0; j < d; j++) acc[j] += a * bf16_to_f(vb[j]);
+    } else {
+        const float *vf = (const float *)v;
+#pragma omp simd
+        for (long j = 0; j < d; j++) acc[j] += a * vf[j];
+    }
+}
+
+/* One query head against its kv head: keys [0, length) and `store`; out (d). Scores with the
+   projections' dot kernels (q is rounded to the dtype, so exact as bf16), softmax in float32. */
 static void attend_head(const mara_decoder *m, const float *q, const void *k, const void *v,
                         long length, long store, float *scores, float *out) {
-    long d = m->head_dim, n = length + 1;
+    long d = m->head_dim, n = length + 1, elt = m->bf16 ? 2 : 4;
+    uint16_t qb[512];
+    for (long j = 0; j < d; j++) qb[j] = f_to_bf16(q[j]);
     float mx = -INFINITY;
     for (long t = 0; t < n; t++) {
         long p = t < length ? t : store;
-        float s = 0.f;
-        for (long j = 0; j < d; j++) s += q[j] * load(m, k, p * d + j);
-        s *= m->scale;
-        scores[t] = s;
-        if (s > mx) mx = s;
+        if (m->bf16)
+            dot1_bf16((const uint16_t *)k + p * d, d, q, qb, 0, scores + t, 0);
+        else
+            dot1_f32((const float *)k + p * d, d, q, qb, 0, scores + t, 0);
+        scores[t] *= m->scale;
+        if (scores[t] > mx) mx = scores[t];
     }
     float sum = 0.f;
     for (long t = 0; t < n; t++) {
@@ -251,76 +263,95 @@ static void attend_head(const mara_decoder *m, const float *q, const void *k, co
     float acc[512] = {0};
     for (long t = 0; t < n; t++) {
         long p = t < length ? t : store;
-        float w = scores[t] / sum;
-        for (long j = 0; j < d; j++) acc[j] += w * load(m, v, p * d + j);
+        axpy(m, acc, scores[t] / sum, (const char *)v + p * d * elt, d);
     }
     for (long j = 0; j < d; j++) out[j] = rnd(m, acc[j]);
 }
 
-static inline float act(const mara_decoder *m, float g) {
-    (void)m;
-    return g / (1.f + expf(-g)); /* SiLU */
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+static long widest_input(const mara_decoder *m) {
+    long w = m->hidden > m->inter ? m->hidden : m->inter;
+    long a = (long)m->n_heads * m->head_dim;
+    return w > a ? w : a;
 }
 
-/* Floats of scratch `mara_decode_one` needs (the caller allocates it once). */
-long mara_scratch_floats(const mara_decoder *m, long max_keys) {
+/* Floats of scratch `mara_decode` needs for n tokens reading up to max_keys keys each. */
+long mara_scratch_floats(const mara_decoder *m, long n, long max_keys) {
     long H = m->hidden, d = m->head_dim;
     long qkv = (long)(m->n_heads + 2 * m->n_kv_heads) * d;
-    return 3 * H + qkv + (long)m->n_heads * d + 2 * (long)m->inter + m->n_heads * max_keys;
+    long per_token = 3 * H + qkv + (long)m->n_heads * d + 2 * (long)m->inter +
+                     (widest_input(m) + 1) / 2 + (long)m->n_heads * max_keys;
+    return n * per_token + 64;
 }
 
-/* Decode `token` for `slot`: writes its K/V at `store` in every layer, attends over
-   [0, length) and `store`, and writes the final normed hidden state (H, model dtype) to `out`.
-   `scratch` holds mara_scratch_floats(m, length + 1) floats. */
-void mara_decode_one(const mara_decoder *m, long token, long slot, long length, long store,
-                     void *out, float *scratch) {
+/* Decode n tokens, each its own (slot, length, store): token t's K/V are written at position
+   stores[t] of slots[t] in every layer, it attends over [0, lengths[t]) and stores[t] (a
+   candidate of rank stores[t] - lengths[t] sees its row's prefix and itself, never another
+   candidate), and its final normed hidden state (H, model dtype) goes to out + t * H. Several
+   candidates of one row share a slot: each writes its own store position and reads the
+   prefix only. `scratch` holds mara_scratch_floats(m, n, max(lengths) + 1) floats. */
+void mara_decode(const mara_decoder *m, long n, const long *tokens, const long *slots,
+                 const long *lengths, const long *stores, void *out, float *scratch) {
     long H = m->hidden, d = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads, I = m->inter;
-    long g = Hq / Hkv, qkv_rows = (Hq + 2 * Hkv) * d;
-    float *x = scratch, *h = x + H, *o = h + H, *qkv = o + H, *att = qkv + qkv_rows;
-    float *gu = att + Hq * d, *scores = gu + 2 * I;
+    long g = Hq / Hkv, qkv_rows = (Hq + 2 * Hkv) * d, max_keys = 0;
+    for (long t = 0; t < n; t++)
+        if (lengths[t] + 1 > max_keys) max_keys = lengths[t] + 1;
+    float *x = scratch, *h = x + n * H, *o = h + n * H, *qkv = o + n * H;
+    float *att = qkv + n * qkv_rows, *gu = att + n * Hq * d, *scores = gu + n * 2 * I;
+    uint16_t *xb = (uint16_t *)(scores + n * Hq * max_keys);
     long elt = m->bf16 ? 2 : 4;
     long layer_stride = m->slots * Hkv * m->capacity * d, head_stride = m->capacity * d;
 
-    for (long i = 0; i < H; i++) x[i] = load(m, m->embed, token * H + i);
+    for (long t = 0; t < n; t++)
+        for (long i = 0; i < H; i++) x[t * H + i] = load(m, m->embed, tokens[t] * H + i);
     for (int l = 0; l < m->n_layers; l++) {
-        rms_norm(m, x, m->ln1_w[l], m->ln1_eps[l], h);
-        linear(m, m->qkv_w[l], m->qkv_b[l], h, qkv, qkv_rows, H);
-        for (long hd = 0; hd < Hq + Hkv; hd++) rope(m, qkv + hd * d, m->cos, m->sin, length);
-        char *kbase = (char *)m->keys + (l * layer_stride + slot * Hkv * head_stride) * elt;
-        char *vbase = (char *)m->values + (l * layer_stride + slot * Hkv * head_stride) * elt;
-        for (long kh = 0; kh < Hkv; kh++) {
-            for (long j = 0; j < d; j++) {
-                put(m, kbase + kh * head_stride * elt, store * d + j, qkv[(Hq + kh) * d + j]);
-                put(m, vbase + kh * head_stride * elt, store * d + j,
-                      qkv[(Hq + Hkv + kh) * d + j]);
-            }
+        for (long t = 0; t < n; t++) rms_norm(m, x + t * H, m->ln1_w[l], m->ln1_eps[l], h + t * H);
+        linear(m, m->qkv_w[l], m->qkv_b[l], h, xb, qkv, n, qkv_rows, H);
+        for (long t = 0; t < n; t++) {
+            float *qt = qkv + t * qkv_rows;
+            for (long hd = 0; hd < Hq + Hkv; hd++) rope(m, qt + hd * d, m->cos, m->sin, lengths[t]);
+            char *kbase = (char *)m->keys + (l * layer_stride + slots[t] * Hkv * head_stride) * elt;
+            char *vbase = (char *)m->values + (l * layer_stride + slots[t] * Hkv * head_stride) * elt;
+            for (long kh = 0; kh < Hkv; kh++)
+                for (long j = 0; j < d; j++) {
+                    put(m, kbase + kh * head_stride * elt, stores[t] * d + j, qt[(Hq + kh) * d + j]);
+                    put(m, vbase + kh * head_stride * elt, stores[t] * d + j,
+                        qt[(Hq + Hkv + kh) * d + j]);
+                }
         }
 #pragma omp parallel for num_threads(m->n_threads) schedule(static)
-        for (long qh = 0; qh < Hq; qh++) {
-            long kh = qh / g;
-            attend_head(m, qkv + qh * d, kbase + kh * head_stride * elt,
-                        vbase + kh * head_stride * elt, length, store,
-                        scores + qh * (length + 1), att + qh * d);
+        for (long th = 0; th < n * Hq; th++) {
+            long t = th / Hq, qh = th % Hq, kh = qh / g;
+            long base = (l * layer_stride + slots[t] * Hkv * head_stride + kh * head_stride) * elt;
+            attend_head(m, qkv + t * qkv_rows + qh * d, (char *)m->keys + base,
+                        (char *)m->values + base, lengths[t], stores[t],
+                        scores + th * max_keys, att + t * Hq * d + qh * d);
         }
-        linear(m, m->o_w[l], m->o_b[l], att, o, H, Hq * d);
-        for (long i = 0; i < H; i++) x[i] = rnd(m, x[i] + o[i]);
-        rms_norm(m, x, m->ln2_w[l], m->ln2_eps[l], h);
-        linear(m, m->gate_up_w[l], m->gate_up_b[l], h, gu, 2 * I, H);
-        for (long i = 0; i < I; i++) gu[i] = rnd(m, rnd(m, act(m, gu[i])) * gu[I + i]);
-        linear(m, m->down_w[l], m->down_b[l], gu, o, H, I);
-        for (long i = 0; i < H; i++) x[i] = rnd(m, x[i] + o[i]);
+        linear(m, m->o_w[l], m->o_b[l], att, xb, o, n, H, Hq * d);
+        for (long i = 0; i < n * H; i++) x[i] = rnd(m, x[i] + o[i]);
+        for (long t = 0; t < n; t++) rms_norm(m, x + t * H, m->ln2_w[l], m->ln2_eps[l], h + t * H);
+        linear(m, m->gate_up_w[l], m->gate_up_b[l], h, xb, gu, n, 2 * I, H);
+        for (long t = 0; t < n; t++) {
+            float *gt = gu + t * 2 * I, *act = gu + t * I; /* in place, row by row: t*I <= t*2I */
+            for (long i = 0; i < I; i++) act[i] = rnd(m, rnd(m, silu(gt[i])) * gt[I + i]);
+        }
+        linear(m, m->down_w[l], m->down_b[l], gu, xb, o, n, H, I);
+        for (long i = 0; i < n * H; i++) x[i] = rnd(m, x[i] + o[i]);
     }
-    float *y = h;
-    rms_norm(m, x, m->norm_w, m->norm_eps, y);
-    for (long i = 0; i < H; i++) put(m, out, i, y[i]);
+    for (long t = 0; t < n; t++) {
+        rms_norm(m, x + t * H, m->norm_w, m->norm_eps, h + t * H);
+        for (long i = 0; i < H; i++) put(m, out, t * H + i, h[t * H + i]);
+    }
 }
 
-/* y (rows) = w (rows, cols) . x (cols) in the model dtype, rounded like torch.mv: the one-row
-   LM head. */
-void mara_gemv(const mara_decoder *m, const void *w, const void *x, void *y, long rows,
+/* y (n x rows) = x (n x cols) . w^T in the model dtype, rounded like the eager head: the LM
+   head on the chosen states. `scratch`: n * (2 * cols + rows) floats. */
+void mara_head(const mara_decoder *m, const void *w, const void *x, void *y, long n, long rows,
                long cols, float *scratch) {
-    float *xf = scratch, *yf = scratch + cols;
-    for (long j = 0; j < cols; j++) xf[j] = load(m, x, j);
-    linear(m, w, 0, xf, yf, rows, cols);
-    for (long i = 0; i < rows; i++) put(m, y, i, yf[i]);
+    float *xf = scratch, *yf = scratch + n * cols;
+    uint16_t *xb = (uint16_t *)(yf + n * rows);
+    for (long j = 0; j < n * cols; j++) xf[j] = load(m, x, j);
+    linear(m, w, 0, xf, xb, yf, n, rows, cols);
+    for (long i = 0; i < n * rows; i++) put(m, y, i, yf[i]);
 }
