@@ -79,19 +79,30 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def _cpu_flags(cpuinfo: str | None) -> set[str]:
+    """The x86 feature flags of /proc/cpuinfo (or of `cpuinfo`); empty where there are none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no cheap, reliable check
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX-BF16). There,
     bf16 weights halve the bytes a decode step reads and matmuls run at 2-3x the float32 speed;
     without them torch emulates bf16 and float32 is faster."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux: no cheap, reliable check; float32 is the safe choice
-            return False
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return bool({"avx512_bf16", "amx_bf16"} & set(line.partition(":")[2].split()))
-    return False
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags(cpuinfo))
+
+
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has AMX bf16 tiles (oneDNN's bf16 matmuls then run many rows at about
+    the cost of one)."""
+    return "amx_bf16" in _cpu_flags(cpuinfo)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

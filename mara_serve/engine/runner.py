@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mara_serve.engine.errors import UnsupportedModelError
 from mara_serve.engine.graphs import PaddedForward, pack_inputs, run_packed
 from mara_serve.engine.kv_cache import KVCache, KVPlan, bytes_per_position
-from mara_serve.engine.loading import LoadedModel
+from mara_serve.engine.loading import LoadedModel, cpu_has_amx
 from mara_serve.engine.native import NativeBuildError, NativeDecoder, unsupported_reason
 from mara_serve.engine.quantization import Int8Weight, int8_linear
 from mara_serve.engine.weights import (
@@ -48,8 +48,12 @@ from mara_serve.engine.weights import (
 
 MAX_CANDIDATES = 256  # the largest top_k a MARA step may use (scratch positions per row)
 # Decode forwards of up to this many tokens (rows x candidates) run in the native kernel
-# (native/), larger ones eagerly (bench/RESULTS.md: the crossover on a 2-core CPU).
-NATIVE_MAX_TOKENS = 16
+# (native/), larger ones eagerly: on a 2-core AVX512-BF16 EPYC the native forward is 1.3-5x the
+# eager one up to 32 tokens, equal at 64, slower at 128 (bench/RESULTS.md), in float32 and
+# bfloat16. On a CPU with AMX, oneDNN's bf16 matmul is nearly flat from 2 to 16 rows
+# (bench/RESULTS.md, a 2-core Xeon), so there bf16 forwards of more than a few tokens stay eager.
+NATIVE_MAX_TOKENS = 64
+NATIVE_MAX_TOKENS_AMX_BF16 = 4
 
 # SDPA kernels the runner uses on a GPU. Not cuDNN's, torch's first choice on Hopper: it builds
 # an execution plan on the host for every new shape, and the key length grows every decode
@@ -172,6 +176,11 @@ class ModelRunner:
             else None
         )
         self.native: NativeDecoder | None = None
+        self.native_max_tokens = (
+            NATIVE_MAX_TOKENS_AMX_BF16
+            if self.dtype == torch.bfloat16 and cpu_has_amx()
+            else NATIVE_MAX_TOKENS
+        )
         self.native_off_reason: str | None = "off (--no-cpu-native-decode)"
         if native_decode:
             self.native_off_reason = unsupported_reason(self)
@@ -261,7 +270,8 @@ class ModelRunner:
         and captured (`self.padded`) where a bucket fits. Returns (N, H)."""
         kmax = max(col_of) + 1
         num_keys = max(lengths[r] + k for r, k in zip(row_of, rank_of, strict=True)) + 1
-        if self.native is not None and len(tokens) <= NATIVE_MAX_TOKENS and self.padded is None:
+        native = self.native is not None and self.padded is None
+        if native and len(tokens) <= self.native_max_tokens:
             token_lengths = [lengths[r] for r in row_of]
             stores = [n + k for n, k in zip(token_lengths, rank_of, strict=True)]
             self.cache.check(max(stores) + 1)
@@ -332,7 +342,7 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (M, H) → float32 logits (M, V): the LM head on the chosen states only."""
-        if self.native is not None and hidden.shape[0] <= NATIVE_MAX_TOKENS:
+        if self.native is not None and hidden.shape[0] <= self.native_max_tokens:
             return self.native.logits(hidden)
         return _linear(hidden, self.head_w, self.head_b).float()
 

@@ -154,6 +154,7 @@ def test_native_batch_of_rows_and_candidates_equals_the_eager_tree_forward(dtype
     it runs alone (a batch never changes a token's numbers)."""
     lm = tiny_llama(dtype=dtype)
     runner = ModelRunner(lm, max_slots=2, native_decode=True)
+    runner.native_max_tokens = 64  # the kernel, whatever this CPU's policy (AMX: 4 in bf16)
     prompts = [PROMPTS[0], PROMPTS[2]]
     for slot, p in enumerate(prompts):
         runner.prefill(slot, p)
@@ -171,3 +172,26 @@ def test_native_batch_of_rows_and_candidates_equals_the_eager_tree_forward(dtype
         assert torch.equal(alone[0], mine[i])
     torch.testing.assert_close(runner.logits(mine), runner.lm.weights.lm_head(mine).float(),
                                **TOL[dtype])  # fmt: skip
+
+
+def test_forwards_past_the_native_limit_run_eagerly(monkeypatch):
+    """More tokens than `native_max_tokens` go to the eager forward; on a CPU with AMX a bf16
+    model's limit is small (oneDNN's AMX matmul is nearly flat in rows)."""
+    from mara_serve.engine import runner as runner_module
+    from mara_serve.engine.loading import cpu_has_amx
+
+    assert cpu_has_amx("flags\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert not cpu_has_amx("flags\t: fpu avx512f avx512_bf16\n")
+    monkeypatch.setattr(runner_module, "cpu_has_amx", lambda: True)
+    amx = ModelRunner(tiny_llama(dtype=torch.bfloat16), max_slots=1, native_decode=True)
+    assert amx.native_max_tokens == runner_module.NATIVE_MAX_TOKENS_AMX_BF16
+    assert ModelRunner(tiny_llama(), max_slots=1).native_max_tokens == 64  # float32: no AMX rule
+    monkeypatch.setattr(runner_module, "cpu_has_amx", lambda: False)
+    runner = ModelRunner(tiny_llama(), max_slots=1, native_decode=True)
+    runner.native_max_tokens = 2
+    runner.prefill(0, PROMPTS[0])
+    L, calls = len(PROMPTS[0]), runner.native.calls
+    runner.score([0], [L], [3, 4, 5], [0, 0, 0], [0, 1, 2], [0, 1, 2])
+    assert runner.native.calls == calls  # three tokens: eager
+    runner.score([0], [L], [3, 4], [0, 0], [0, 1], [0, 1])
+    assert runner.native.calls == calls + 1

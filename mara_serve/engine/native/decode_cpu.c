@@ -73,22 +73,27 @@ static inline void put(const mara_decoder *m, void *p, long i, float f) {
         ((float *)p)[i] = f;
 }
 
-/* Dot products of one weight row with the inputs of K tokens (K = 1 or 4), written to
-   out[t * os]. The row is read from memory once for all K tokens (a batch of a step's tokens
-   costs little more than one: the weights, not the arithmetic, bound a CPU decode), rows one
-   after another (a sequential stream the prefetcher follows), with two accumulators per token
-   (one chain is bound by the FMA latency). Each token's sums run in the same order whatever K,
-   so a token's result does not depend on what else is in the batch. For a bf16 model `xb`
-   holds the inputs as bf16 (exact: every projection input is rounded to bf16) for AVX512-BF16's
-   dot-product instruction. Measured on a 2-core AVX512-BF16 EPYC, 30 matrices 3072 x 576, one
-   token: 30-33 GB/s, a plain read of the same bytes 31-36 GB/s (bench/RESULTS.md). */
+/* Dot products of weight rows with token inputs, float32 accumulation, in two shapes:
+   - one row with one token (`dot1_*`): for a few tokens each weight row is streamed once, rows
+     one after another (a sequential stream the prefetcher follows), the other tokens' passes
+     hitting L1. Measured on a 2-core AVX512-BF16 EPYC, 30 matrices 3072 x 576, one token:
+     30-33 GB/s, a plain read of the same bytes 31-36 GB/s (bench/RESULTS.md).
+   - a tile of 4 rows x 4 tokens (`tile_*`): from 8 tokens on a step is bound by arithmetic, not
+     memory, and a tile loads each weight vector once for 4 tokens and each input vector once
+     for 4 rows (16 independent accumulators).
+   Both sum every (row, token) product in the same order — one accumulator, 32 columns a step
+   with AVX512-BF16's dot product (a bf16 model's inputs are rounded to bf16, so `xb` holds them
+   exactly), then vector steps, then the tail — so a token's result never depends on what else
+   is in the batch. AVX-512 or AVX2 by what the compiler targets; plain C otherwise. The
+   (row, token) loops are unrolled so the accumulators stay in registers (rolled, gcc kept
+   them on the stack and the tile ran at a third of its speed). */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 typedef __m512 vec;
 #define VW 16
 #define VZERO() _mm512_setzero_ps()
 #define VLOAD(p) _mm512_loadu_ps(p)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define VSUM2(a, b) _mm512_reduce_add_ps(_mm512_add_ps(a, b))
+#define VSUM(a) _mm512_reduce_add_ps(a)
 static inline __m512 vload_bf16(const uint16_t *p) {
     __m256i v = _mm256_loadu_si256((const __m256i *)p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
@@ -99,8 +104,7 @@ typedef __m256 vec;
 #define VZERO() _mm256_setzero_ps()
 #define VLOAD(p) _mm256_loadu_ps(p)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-static inline float VSUM2(__m256 a, __m256 b) {
-    __m256 v = _mm256_add_ps(a, b);
+static inline float VSUM(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -116,73 +120,86 @@ typedef float vec;
 #define VZERO() 0.f
 #define VLOAD(p) (*(p))
 #define VFMA(a, b, c) ((a) * (b) + (c))
-#define VSUM2(a, b) ((a) + (b))
+#define VSUM(a) (a)
 static inline float vload_bf16(const uint16_t *p) { return bf16_to_f(*p); }
 #endif
 #define VLOAD_F32(p) VLOAD(p)
 
 #if defined(__AVX512BF16__)
-/* 64 columns a step with the bf16 dot product (two bf16 pairs per float lane). */
-#define DP_STEPS(K)                                                                         \
-    for (; j + 64 <= cols; j += 64) {                                                       \
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + j);                                  \
-        __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + j + 32);                             \
-        for (int t = 0; t < K; t++) {                                                       \
-            a[t][0] = _mm512_dpbf16_ps(a[t][0], w0, (__m512bh)_mm512_loadu_si512(xb + t * xs + j)); \
-            a[t][1] = _mm512_dpbf16_ps(a[t][1], w1,                                         \
-                                       (__m512bh)_mm512_loadu_si512(xb + t * xs + j + 32)); \
+#define DP_STEPS(R, K)                                                                      \
+    for (; j + 32 <= cols; j += 32) {                                                       \
+        __m512bh wv[R];                                                                     \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * cols + j); \
+        _Pragma("GCC unroll 4") for (int t = 0; t < K; t++) {                                                       \
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + t * xs + j);                    \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r][t] = _mm512_dpbf16_ps(a[r][t], wv[r], xv);     \
         }                                                                                   \
     }
 #else
-#define DP_STEPS(K) (void)xb;
+#define DP_STEPS(R, K) (void)xb;
 #endif
-#define NO_DP_STEPS(K) (void)xb;
+#define NO_DP_STEPS(R, K) (void)xb;
 
-#define DEFINE_DOT(NAME, K, T, VLOADW, TO_F, STEPS)                                         \
+/* out[t * os + r] = x_t . w_r for R rows (w_r = w + r * cols) and K tokens (x_t = x + t * xs) */
+#define DEFINE_DOT(NAME, R, K, T, VLOADW, TO_F, STEPS)                                      \
     static inline void NAME(const T *w, long cols, const float *x, const uint16_t *xb,      \
                             long xs, float *out, long os) {                                 \
-        vec a[K][2];                                                                        \
-        for (int t = 0; t < K; t++) a[t][0] = a[t][1] = VZERO();                            \
+        vec a[R][K];                                                                        \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                                         \
+            _Pragma("GCC unroll 4") for (int t = 0; t < K; t++) a[r][t] = VZERO();                                  \
         long j = 0;                                                                         \
-        STEPS(K)                                                                            \
-        for (; j + 2 * VW <= cols; j += 2 * VW) {                                           \
-            vec w0 = VLOADW(w + j), w1 = VLOADW(w + j + VW);                                \
-            for (int t = 0; t < K; t++) {                                                   \
-                a[t][0] = VFMA(w0, VLOAD(x + t * xs + j), a[t][0]);                         \
-                a[t][1] = VFMA(w1, VLOAD(x + t * xs + j + VW), a[t][1]);                    \
+        STEPS(R, K)                                                                         \
+        for (; j + VW <= cols; j += VW) {                                                   \
+            vec wv[R];                                                                      \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) wv[r] = VLOADW(w + r * cols + j);                   \
+            _Pragma("GCC unroll 4") for (int t = 0; t < K; t++) {                                                   \
+                vec xv = VLOAD(x + t * xs + j);                                             \
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r][t] = VFMA(wv[r], xv, a[r][t]);             \
             }                                                                               \
         }                                                                                   \
-        for (int t = 0; t < K; t++) {                                                       \
-            float r = VSUM2(a[t][0], a[t][1]);                                              \
-            for (long jj = j; jj < cols; jj++) r += TO_F(w[jj]) * x[t * xs + jj];           \
-            out[t * os] = r;                                                                \
-        }                                                                                   \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                                         \
+            _Pragma("GCC unroll 4") for (int t = 0; t < K; t++) {                                                   \
+                float s = VSUM(a[r][t]);                                                    \
+                for (long jj = j; jj < cols; jj++) s += TO_F(w[r * cols + jj]) * x[t * xs + jj]; \
+                out[t * os + r] = s;                                                        \
+            }                                                                               \
     }
 
 static inline float f32_id(float v) { return v; }
-DEFINE_DOT(dot1_bf16, 1, uint16_t, vload_bf16, bf16_to_f, DP_STEPS)
-DEFINE_DOT(dot4_bf16, 4, uint16_t, vload_bf16, bf16_to_f, DP_STEPS)
-DEFINE_DOT(dot1_f32, 1, float, VLOAD_F32, f32_id, NO_DP_STEPS)
-DEFINE_DOT(dot4_f32, 4, float, VLOAD_F32, f32_id, NO_DP_STEPS)
+DEFINE_DOT(dot1_bf16, 1, 1, uint16_t, vload_bf16, bf16_to_f, DP_STEPS)
+DEFINE_DOT(tile_bf16, 4, 4, uint16_t, vload_bf16, bf16_to_f, DP_STEPS)
+DEFINE_DOT(dot1_f32, 1, 1, float, VLOAD_F32, f32_id, NO_DP_STEPS)
+DEFINE_DOT(tile_f32, 4, 4, float, VLOAD_F32, f32_id, NO_DP_STEPS)
 
-/* y[t * rows + i] = x_t . w[i] for n tokens (x_t = x + t * cols), w (rows, cols): float32
-   accumulation; rows split across the threads so each weight byte is read once. */
-#define DEFINE_GEMM(NAME, T, DOT1, DOT4)                                                    \
+/* y[t * rows + i] = x_t . w[i] for n tokens (x_t = x + t * cols), w (rows, cols): rows split
+   across the threads so each weight byte is read once; 4 x 4 tiles from 8 tokens on (at 4
+   tokens the tile's four interleaved row streams read memory slower than four row passes). */
+#define DEFINE_GEMM(NAME, T, DOT1, TILE)                                                    \
     static void NAME(const T *w, const float *x, const uint16_t *xb, float *y, long n,      \
                      long rows, long cols, int nt) {                                        \
-        _Pragma("omp parallel for num_threads(nt) schedule(static)")                       \
-        for (long i = 0; i < rows; i++) {                                                   \
-            const T *wi = w + i * cols;                                                     \
-            long t = 0;                                                                     \
-            for (; t + 4 <= n; t += 4)                                                      \
-                DOT4(wi, cols, x + t * cols, xb + t * cols, cols, y + t * rows + i, rows);  \
-            for (; t < n; t++)                                                              \
-                DOT1(wi, cols, x + t * cols, xb + t * cols, cols, y + t * rows + i, rows);  \
+        long tiled = n >= 8 ? rows / 4 * 4 : 0, tn = n / 4 * 4;                             \
+        _Pragma("omp parallel num_threads(nt)")                                            \
+        {                                                                                   \
+            _Pragma("omp for schedule(static) nowait")                                     \
+            for (long i = 0; i < tiled; i += 4) {                                           \
+                const T *wi = w + i * cols;                                                 \
+                for (long t = 0; t < tn; t += 4)                                            \
+                    TILE(wi, cols, x + t * cols, xb + t * cols, cols, y + t * rows + i, rows); \
+                for (long t = tn; t < n; t++)                                               \
+                    for (long r = 0; r < 4; r++)                                            \
+                        DOT1(wi + r * cols, cols, x + t * cols, xb + t * cols, cols,        \
+                             y + t * rows + i + r, rows);                                   \
+            }                                                                               \
+            _Pragma("omp for schedule(static)")                                            \
+            for (long i = tiled; i < rows; i++)                                             \
+                for (long t = 0; t < n; t++)                                                \
+                    DOT1(w + i * cols, cols, x + t * cols, xb + t * cols, cols,             \
+                         y + t * rows + i, rows);                                           \
         }                                                                                   \
     }
 
-DEFINE_GEMM(gemm_bf16, uint16_t, dot1_bf16, dot4_bf16)
-DEFINE_GEMM(gemm_f32, float, dot1_f32, dot4_f32)
+DEFINE_GEMM(gemm_bf16, uint16_t, dot1_bf16, tile_bf16)
+DEFINE_GEMM(gemm_f32, float, dot1_f32, tile_f32)
 
 /* y (n x rows) = x (n x cols) . w^T (+ b), rounded to the dtype like the eager projection
    (the sum rounded, then the bias added and rounded). `xb`: room for n x cols bf16. */
