@@ -167,14 +167,31 @@ static inline float vload_bf16(const uint16_t *p) { return bf16_to_f(*p); }
 
 static inline float f32_id(float v) { return v; }
 DEFINE_DOT(dot1_bf16, 1, 1, uint16_t, vload_bf16, bf16_to_f, DP_STEPS)
+DEFINE_DOT(dot2_bf16, 1, 2, uint16_t, vload_bf16, bf16_to_f, DP_STEPS)
+DEFINE_DOT(dot4_bf16, 1, 4, uint16_t, vload_bf16, bf16_to_f, DP_STEPS)
 DEFINE_DOT(tile_bf16, 4, 4, uint16_t, vload_bf16, bf16_to_f, DP_STEPS)
 DEFINE_DOT(dot1_f32, 1, 1, float, VLOAD_F32, f32_id, NO_DP_STEPS)
+DEFINE_DOT(dot2_f32, 1, 2, float, VLOAD_F32, f32_id, NO_DP_STEPS)
+DEFINE_DOT(dot4_f32, 1, 4, float, VLOAD_F32, f32_id, NO_DP_STEPS)
 DEFINE_DOT(tile_f32, 4, 4, float, VLOAD_F32, f32_id, NO_DP_STEPS)
+
+/* One row with tokens [t0, n): four, two, then one at a time (independent accumulator chains:
+   one token's chain alone is bound by the instruction latency once the row is in L1). */
+#define DEFINE_ROW(NAME, T, DOT1, DOT2, DOT4)                                               \
+    static inline void NAME(const T *wi, long cols, const float *x, const uint16_t *xb,     \
+                            long t, long n, float *y, long rows) {                          \
+        for (; t + 4 <= n; t += 4) DOT4(wi, cols, x + t * cols, xb + t * cols, cols, y + t * rows, rows); \
+        for (; t + 2 <= n; t += 2) DOT2(wi, cols, x + t * cols, xb + t * cols, cols, y + t * rows, rows); \
+        for (; t < n; t++) DOT1(wi, cols, x + t * cols, xb + t * cols, cols, y + t * rows, rows);        \
+    }
+
+DEFINE_ROW(row_bf16, uint16_t, dot1_bf16, dot2_bf16, dot4_bf16)
+DEFINE_ROW(row_f32, float, dot1_f32, dot2_f32, dot4_f32)
 
 /* y[t * rows + i] = x_t . w[i] for n tokens (x_t = x + t * cols), w (rows, cols): rows split
    across the threads so each weight byte is read once; 4 x 4 tiles from 8 tokens on (at 4
    tokens the tile's four interleaved row streams read memory slower than four row passes). */
-#define DEFINE_GEMM(NAME, T, DOT1, TILE)                                                    \
+#define DEFINE_GEMM(NAME, T, ROW, TILE)                                                     \
     static void NAME(const T *w, const float *x, const uint16_t *xb, float *y, long n,      \
                      long rows, long cols, int nt) {                                        \
         long tiled = n >= 8 ? rows / 4 * 4 : 0, tn = n / 4 * 4;                             \
@@ -185,21 +202,16 @@ DEFINE_DOT(tile_f32, 4, 4, float, VLOAD_F32, f32_id, NO_DP_STEPS)
                 const T *wi = w + i * cols;                                                 \
                 for (long t = 0; t < tn; t += 4)                                            \
                     TILE(wi, cols, x + t * cols, xb + t * cols, cols, y + t * rows + i, rows); \
-                for (long t = tn; t < n; t++)                                               \
-                    for (long r = 0; r < 4; r++)                                            \
-                        DOT1(wi + r * cols, cols, x + t * cols, xb + t * cols, cols,        \
-                             y + t * rows + i + r, rows);                                   \
+                for (long r = 0; r < 4; r++)                                                \
+                    ROW(wi + r * cols, cols, x, xb, tn, n, y + i + r, rows);                \
             }                                                                               \
             _Pragma("omp for schedule(static)")                                            \
-            for (long i = tiled; i < rows; i++)                                             \
-                for (long t = 0; t < n; t++)                                                \
-                    DOT1(w + i * cols, cols, x + t * cols, xb + t * cols, cols,             \
-                         y + t * rows + i, rows);                                           \
+            for (long i = tiled; i < rows; i++) ROW(w + i * cols, cols, x, xb, 0, n, y + i, rows); \
         }                                                                                   \
     }
 
-DEFINE_GEMM(gemm_bf16, uint16_t, dot1_bf16, tile_bf16)
-DEFINE_GEMM(gemm_f32, float, dot1_f32, tile_f32)
+DEFINE_GEMM(gemm_bf16, uint16_t, row_bf16, tile_bf16)
+DEFINE_GEMM(gemm_f32, float, row_f32, tile_f32)
 
 /* y (n x rows) = x (n x cols) . w^T (+ b), rounded to the dtype like the eager projection
    (the sum rounded, then the bias added and rounded). `xb`: room for n x cols bf16. */
