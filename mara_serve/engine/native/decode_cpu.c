@@ -125,11 +125,18 @@ static inline float vload_bf16(const uint16_t *p) { return bf16_to_f(*p); }
 #endif
 #define VLOAD_F32(p) VLOAD(p)
 
+/* Weights are read 2 KB ahead of use: the hardware prefetcher alone left the loads waiting
+   (10-30 % slower one- to eight-token forwards on the EPYC). */
+#define PREFETCH(p) __builtin_prefetch((const char *)(p) + 2048, 0, 3)
+
 #if defined(__AVX512BF16__)
 #define DP_STEPS(R, K)                                                                      \
     for (; j + 32 <= cols; j += 32) {                                                       \
         __m512bh wv[R];                                                                     \
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * cols + j); \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                               \
+            PREFETCH(w + r * cols + j);                                                     \
+            wv[r] = (__m512bh)_mm512_loadu_si512(w + r * cols + j);                         \
+        }                                                                                   \
         _Pragma("GCC unroll 4") for (int t = 0; t < K; t++) {                                                       \
             __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + t * xs + j);                    \
             _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r][t] = _mm512_dpbf16_ps(a[r][t], wv[r], xv);     \
@@ -151,7 +158,10 @@ static inline float vload_bf16(const uint16_t *p) { return bf16_to_f(*p); }
         STEPS(R, K)                                                                         \
         for (; j + VW <= cols; j += VW) {                                                   \
             vec wv[R];                                                                      \
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) wv[r] = VLOADW(w + r * cols + j);                   \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                           \
+                PREFETCH(w + r * cols + j);                                                 \
+                wv[r] = VLOADW(w + r * cols + j);                                           \
+            }                                                                               \
             _Pragma("GCC unroll 4") for (int t = 0; t < K; t++) {                                                   \
                 vec xv = VLOAD(x + t * xs + j);                                             \
                 _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r][t] = VFMA(wv[r], xv, a[r][t]);             \
