@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from reliability.support import slow_engine
 
 BASE = "tiny-llama"
 SCREENSHOT_DIR = Path(__file__).resolve().parents[2] / "artifacts" / "ui-screenshots"
@@ -143,17 +144,20 @@ def test_trace_marks_rejected_and_fallback_tokens(page: Any) -> None:
 
 def test_stop_aborts_the_stream_and_frees_the_slot(page: Any, ui_server: Any) -> None:
     page.get_by_label("Model", exact=True).select_option(BASE)
-    set_max_tokens(page, 3000)  # ~40 s of tokens: only Stop ends it within the test
-    send(page, "Go on forever")
-    page.wait_for_function(
-        "() => (document.querySelector('article.answer .text')?.textContent.length || 0) > 40"
-    )
-    assert ui_server.metric("mara_num_requests_running") >= 1
-    page.get_by_role("button", name="Stop").click()
-    deadline = time.monotonic() + 2
-    while ui_server.metric("mara_num_requests_running") > 0:
-        assert time.monotonic() < deadline, "the server still runs the stopped request"
-        time.sleep(0.05)
+    # 3000 tokens at >= 10 ms a step (however fast the machine decodes the tiny model): only
+    # Stop ends the stream within the test
+    with slow_engine(ui_server, step_s=0.01):
+        set_max_tokens(page, 3000)
+        send(page, "Go on forever")
+        page.wait_for_function(
+            "() => (document.querySelector('article.answer .text')?.textContent.length || 0) > 40"
+        )
+        assert ui_server.metric("mara_num_requests_running") >= 1
+        page.get_by_role("button", name="Stop").click()
+        deadline = time.monotonic() + 2
+        while ui_server.metric("mara_num_requests_running") > 0:
+            assert time.monotonic() < deadline, "the server still runs the stopped request"
+            time.sleep(0.05)
     (answer,) = wait_answers(page, 1)
     assert "stopped" in answer.get_attribute("class")
     assert "stopped" in answer.locator(".status").text_content()
