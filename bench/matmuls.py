@@ -102,7 +102,7 @@ def main() -> None:
                 print(f"{name:8s} {out_f}x{in_f} x{count} rows {rows:3d}  " + "  ".join(
                     f"{k} {v:7.2f}" for k, v in cell.items()), flush=True)  # fmt: skip
     print(json.dumps({
-        "bench": "kernels", "threads": threads, "torch": torch.__version__,
+        "bench": "matmuls", "threads": threads, "torch": torch.__version__,
         "cpu_has_fast_bf16": cpu_has_fast_bf16(), "machine": platform.machine(),
         "capability": torch.backends.cpu.get_cpu_capability(), "ms": results,
     }))  # fmt: skip

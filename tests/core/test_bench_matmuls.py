@@ -16,7 +16,7 @@ def test_kernels_benchmark_runs_every_variant():
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["bench"] == "kernels"
+    assert result["bench"] == "matmuls"
     assert set(result["ms"]) == {"qkv", "gate_up", "lm_head"}
     for cells in result["ms"].values():
         assert set(cells) == {"1", "9"}
