@@ -49,12 +49,14 @@ static inline float bf16_to_f(uint16_t v) {
     return f;
 }
 
+/* float -> bf16, round to nearest even (NaN stays a quiet NaN), without a branch so that
+   the compiler vectorizes the loops that round a whole buffer. */
 static inline uint16_t f_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(u >> 16);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 /* A float rounded to the model dtype (identity for float32). */
@@ -233,14 +235,11 @@ static void linear(const mara_decoder *m, const void *w, const void *b, const fl
     } else {
         gemm_f32((const float *)w, x, xb, y, n, rows, cols, m->n_threads);
     }
-    for (long t = 0; t < n; t++) {
-        float *yt = y + t * rows;
-        for (long i = 0; i < rows; i++) {
-            float v = rnd(m, yt[i]);
-            if (b) v = rnd(m, v + load(m, b, i));
-            yt[i] = v;
-        }
-    }
+    if (m->bf16) /* the sum rounded once, as torch's bf16 matmul */
+        for (long i = 0; i < n * rows; i++) y[i] = bf16_to_f(f_to_bf16(y[i]));
+    if (b)
+        for (long t = 0; t < n; t++)
+            for (long i = 0; i < rows; i++) y[t * rows + i] = rnd(m, y[t * rows + i] + load(m, b, i));
 }
 
 /* HF's RMSNorm: float32 x * rsqrt(mean(x^2) + eps), rounded to the dtype, times the weight. */
