@@ -189,6 +189,8 @@ class ModelRunner:
                     self.native = NativeDecoder(self)
                 except NativeBuildError as e:
                     self.native_off_reason = f"the native kernel did not build: {e}"
+                except ValueError as e:  # a layout it cannot read (e.g. non-contiguous weights)
+                    self.native_off_reason = str(e)
 
     def attention_kernels(self) -> AbstractContextManager:
         """The SDPA backends a forward may use (GPU_SDPA_BACKENDS on a GPU)."""

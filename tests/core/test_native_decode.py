@@ -195,3 +195,16 @@ def test_forwards_past_the_native_limit_run_eagerly(monkeypatch):
     assert runner.native.calls == calls  # three tokens: eager
     runner.score([0], [L], [3, 4], [0, 0], [0, 1], [0, 1])
     assert runner.native.calls == calls + 1
+
+
+def test_an_unwritable_cache_is_a_build_error_not_a_crash(tmp_path, monkeypatch):
+    """A read-only cache directory (a container's read-only root) must not take the engine
+    down: the build error names the directory, and the runner stays eager."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MARA_NATIVE_CACHE", str(blocker / "native"))
+    monkeypatch.setattr(native, "_lib", None)
+    with pytest.raises(native.NativeBuildError, match="cannot write the compiled kernel"):
+        native.build()
+    runner = ModelRunner(tiny_llama(), max_slots=1, native_decode=True)
+    assert runner.native is None and "cannot write" in runner.native_off_reason

@@ -130,8 +130,11 @@ def compile_library(target: Path, cflags: tuple[str, ...] = CFLAGS) -> None:
     cc = compiler()
     if cc is None:
         raise NativeBuildError("no C compiler found (set CC, or install gcc)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError as e:  # e.g. a read-only home: say so, and the engine stays eager
+        raise NativeBuildError(f"cannot write the compiled kernel to {target.parent}: {e}") from e
     os.close(fd)
     cmd = [cc, *cflags, "-o", tmp, str(SOURCE), "-lm"]
     log.info("compiling the native decode kernel: %s", " ".join(cmd))
