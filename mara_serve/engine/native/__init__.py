@@ -36,7 +36,10 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_cpu.c")
-BASE_CFLAGS = ("-O3", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC")
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+# -mprefer-vector-width is an x86 option (gcc elsewhere refuses it)
+BASE_CFLAGS = ("-O3", *(("-mprefer-vector-width=512",) if _X86 else ()), "-fopenmp", "-shared",
+               "-fPIC")  # fmt: skip
 CFLAGS = (*BASE_CFLAGS, "-march=native")
 PREBUILT_DIR = Path(__file__).with_name("prebuilt")
 
@@ -191,8 +194,7 @@ def prebuild(directory: Path | None = None) -> list[Path]:
     image runs this where it has a compiler, so that its runtime needs none)."""
     directory = directory or PREBUILT_DIR
     made = []
-    machine = platform.machine().lower()
-    builds = PORTABLE_BUILDS if machine in ("x86_64", "amd64") else {"generic": ((), frozenset())}
+    builds = PORTABLE_BUILDS if _X86 else {"generic": ((), frozenset())}
     for name, (march, _) in builds.items():
         target = directory / f"decode_cpu-{name}.so"
         compile_library(target, (*BASE_CFLAGS, *march))
