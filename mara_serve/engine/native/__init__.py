@@ -1,11 +1,13 @@
-"""The native one-token decode forward for CPUs (decode_cpu.c), built on first use.
+"""The native decode forward for CPUs (decode_cpu.c), built on first use.
 
-A decode step of one token (one stream, plain decoding or a MARA row judging one candidate) in
-eager PyTorch is ~1,300 small ops; on a CPU their dispatch cost as much as reading the weights.
-`NativeDecoder` runs that token as ONE call into C over the runner's own weights and KV cache
-(no copies), with the same rounding as the eager runner (decode_cpu.c says how), and the LM head
-of one row as one gemv. Everything else — several rows, several candidates, prefill, GPUs,
-int8 — stays on the eager runner.
+A decode step in eager PyTorch is ~1,300 small ops whatever its token count; on a CPU their
+dispatch cost as much as reading the weights, and one-row bf16 matmuls ran at half the memory
+bandwidth. `NativeDecoder` runs a step of N tokens (rows x candidates, each a candidate at its
+row's next position: the tree attention of runner.forward_tokens) as ONE call into C over the
+runner's own weights and KV cache (no copies), with the same rounding as the eager runner
+(decode_cpu.c says how), and the LM head on the chosen states likewise. The runner uses it up
+to `NATIVE_MAX_TOKENS` tokens a step (bench/native.py: the crossover); larger steps, prefill,
+GPUs, float16 and int8 stay on the eager runner.
 
 The C file is compiled with the machine's C compiler (`cc`, `-march=native`, OpenMP) the first
 time it is needed and cached under `$XDG_CACHE_HOME/mara-serve/native` (or `MARA_NATIVE_CACHE`),

@@ -1,10 +1,11 @@
-/* One-token decode forward of a Llama-family model on a CPU, in C (native.py builds and loads it).
+/* The decode forward of a Llama-family model on a CPU, in C: N tokens (rows x candidates) in
+one call (mara_serve/engine/native/__init__.py builds and loads it).
 
 Why: a one-row decode step in eager PyTorch is ~1,300 small ops; on a 2-core CPU their
 dispatch costs as much as the weight reads (bench/RESULTS.md), and one-row bf16 matmuls go
-through generic kernels. Here a whole token is one call: every projection is a gemv that
-streams its weight once across the OpenMP threads (torch's own libgomp: native.py loads this
-library after torch, so both share one thread pool), the rest is a few loops over H floats.
+through generic kernels. Here a whole step is one call: every projection streams its weight
+once across the OpenMP threads (torch's own libgomp: the library is loaded after torch, so both
+share one thread pool), the rest is a few loops over each token's H floats.
 
 Numerics follow the eager runner (runner.py) op by op: activations are float32 buffers that,
 for a bf16 model, are rounded to bf16 (round to nearest even) wherever the eager runner
@@ -13,9 +14,9 @@ produces a bf16 tensor — RMSNorm in float32, rounded, then scaled by the weigh
 and the gate product rounded. Dot products accumulate in float32 (as torch's bf16 gemv does);
 only their summation order differs from torch's kernels.
 
-The KV cache is the runner's (L, slots, Hkv, capacity, d) tensors; this call writes the token's
-K/V at `store` and attends over positions [0, length) plus `store` (the runner's tree mask for
-one candidate of rank store - length). */
+The KV cache is the runner's (L, slots, Hkv, capacity, d) tensors; token t writes its K/V at
+position stores[t] of slots[t] and attends over [0, lengths[t]) plus stores[t] (the runner's
+tree mask: a candidate of rank stores[t] - lengths[t] sees its row's prefix and itself). */
 
 #include <math.h>
 #if defined(__x86_64__)
@@ -76,10 +77,11 @@ static inline void put(const mara_decoder *m, void *p, long i, float f) {
 }
 
 /* Dot products of weight rows with token inputs, float32 accumulation, in two shapes:
-   - one row with one token (`dot1_*`): for a few tokens each weight row is streamed once, rows
-     one after another (a sequential stream the prefetcher follows), the other tokens' passes
-     hitting L1. Measured on a 2-core AVX512-BF16 EPYC, 30 matrices 3072 x 576, one token:
-     30-33 GB/s, a plain read of the same bytes 31-36 GB/s (bench/RESULTS.md).
+   - one row with 1, 2 or 4 tokens (`dot1_*`, `dot2_*`, `dot4_*`): below 8 tokens each weight
+     row is streamed once, rows one after another (a sequential stream the prefetcher follows;
+     interleaving four rows read memory slower), one accumulator chain per token. One token
+     reads the weights at about a plain read's speed (30-33 GB/s vs 31-36 on a 2-core
+     AVX512-BF16 EPYC, bench/RESULTS.md).
    - a tile of 4 rows x 4 tokens (`tile_*`): from 8 tokens on a step is bound by arithmetic, not
      memory, and a tile loads each weight vector once for 4 tokens and each input vector once
      for 4 rows (16 independent accumulators).
