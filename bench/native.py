@@ -27,26 +27,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu import TINY, random_model  # noqa: E402
 
 from mara_serve.engine.loading import LoadedModel, ModelConfig, load_model  # noqa: E402
 from mara_serve.engine.runner import ModelRunner, _linear  # noqa: E402
 
 MAX_ROWS = 16
-
-
-def tiny_model(dtype: torch.dtype) -> LoadedModel:
-    """A random 2-layer Llama (no download), for a CI-sized run."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    )  # fmt: skip
-    model = LlamaForCausalLM(cfg).eval().requires_grad_(False).to(dtype)
-    return LoadedModel(model=model, tokenizer=None, name="tiny", device=torch.device("cpu"),
-                       dtype=dtype, hidden_size=64, vocab_size=512, max_model_len=512,
-                       eos_token_ids=(1,))  # fmt: skip
 
 
 def grid(n: int) -> tuple[int, list[int], list[int]]:
@@ -111,7 +99,8 @@ def main() -> None:
     results = {}
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
-        lm = tiny_model(dtype) if args.tiny else load_model(ModelConfig(dtype=name, device="cpu"))
+        lm = (random_model("tiny", TINY, torch.device("cpu"), dtype) if args.tiny
+              else load_model(ModelConfig(dtype=name, device="cpu")))  # fmt: skip
         results[name] = bench_dtype(lm, tokens, prefix, args.rounds)
     print(f"{'dtype':9} {'what':12} {'eager ms':>9} {'native ms':>9} {'eager/native':>12}")
     for name, cells in results.items():

@@ -82,8 +82,9 @@ class EngineConfig:
     # On a CPU in float32, run each projection as a batched matmul over slices of its output
     # rows (weights.split_for_cpu: every thread reads weights; measured ~2x on one-row matmuls).
     split_matmuls: bool = True
-    # On a CPU, one-token forwards and one-row LM heads in C (native/; float32 and bfloat16
-    # Llama-family models): a whole token is one call instead of ~1,300 eager ops.
+    # On a CPU, decode forwards of up to 64 tokens and the LM head on the chosen states in C
+    # (native/; float32 and bfloat16 Llama-family models): a step is one call instead of
+    # ~1,300 eager ops.
     native_decode: bool = True
     # Decode forwards padded to shape buckets and replayed as CUDA graphs (graphs.py). None: on
     # for a GPU (`--enforce-eager` turns it off); True on a CPU runs the padding eagerly (tests).

@@ -79,15 +79,16 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _cpu_flags(cpuinfo: str | None) -> set[str]:
-    """The x86 feature flags of /proc/cpuinfo (or of `cpuinfo`); empty where there are none."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (or from `cpuinfo`): x86's `flags` line, or
+    ARM's `Features`; empty where there is none."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:  # not Linux: no cheap, reliable check
             return set()
     for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
+        if line.startswith(("flags", "Features")):
             return set(line.partition(":")[2].split())
     return set()
 
@@ -96,13 +97,13 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX-BF16). There,
     bf16 weights halve the bytes a decode step reads and matmuls run at 2-3x the float32 speed;
     without them torch emulates bf16 and float32 is faster."""
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags(cpuinfo))
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags(cpuinfo))
 
 
 def cpu_has_amx(cpuinfo: str | None = None) -> bool:
     """Whether this CPU has AMX bf16 tiles (oneDNN's bf16 matmuls then run many rows at about
     the cost of one)."""
-    return "amx_bf16" in _cpu_flags(cpuinfo)
+    return "amx_bf16" in cpu_flags(cpuinfo)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -35,7 +35,7 @@ from mara_serve.engine.errors import UnsupportedModelError
 from mara_serve.engine.graphs import PaddedForward, pack_inputs, run_packed
 from mara_serve.engine.kv_cache import KVCache, KVPlan, bytes_per_position
 from mara_serve.engine.loading import LoadedModel, cpu_has_amx
-from mara_serve.engine.native import NativeBuildError, NativeDecoder, unsupported_reason
+from mara_serve.engine.native import NativeBuildError, NativeDecoder
 from mara_serve.engine.quantization import Int8Weight, int8_linear
 from mara_serve.engine.weights import (
     SUPPORTED_MODEL_TYPES,
@@ -117,10 +117,10 @@ class ModelRunner:
         (None: every slot holds a full-length sequence), `kv_reserved_tokens` positions of it
         left to the prefix cache (kv_cache.KVPlan; `self.kv_plan` says what it fitted).
         `padded_steps`: decode forwards run over padded shape buckets, captured as CUDA graphs
-        on a GPU (graphs.py; on a CPU eagerly, for tests). `native_decode`: on a CPU, forwards
-        of ONE token and one-row LM heads run in C (native/: one call instead of ~1,300 ops);
-        where it cannot (no compiler, unsupported model) the runner stays eager and
-        `native_off_reason` says why."""
+        on a GPU (graphs.py; on a CPU eagerly, for tests). `native_decode`: on a CPU, decode
+        forwards of up to `native_max_tokens` tokens and the LM head on as many states run in C
+        (native/: one call instead of ~1,300 ops); where it cannot (no compiler, unsupported
+        model) the runner stays eager and `native_off_reason` says why."""
         model = lm.model
         cfg = model.config
         if lm.weights is None:
@@ -183,14 +183,13 @@ class ModelRunner:
         )
         self.native_off_reason: str | None = "off (--no-cpu-native-decode)"
         if native_decode:
-            self.native_off_reason = unsupported_reason(self)
-            if self.native_off_reason is None:
-                try:
-                    self.native = NativeDecoder(self)
-                except NativeBuildError as e:
-                    self.native_off_reason = f"the native kernel did not build: {e}"
-                except ValueError as e:  # a layout it cannot read (e.g. non-contiguous weights)
-                    self.native_off_reason = str(e)
+            try:
+                self.native = NativeDecoder(self)
+                self.native_off_reason = None
+            except NativeBuildError as e:
+                self.native_off_reason = f"the native kernel did not build: {e}"
+            except ValueError as e:  # a model it does not support, or weights it cannot read
+                self.native_off_reason = str(e)
 
     def attention_kernels(self) -> AbstractContextManager:
         """The SDPA backends a forward may use (GPU_SDPA_BACKENDS on a GPU)."""

@@ -176,10 +176,11 @@ class Settings(BaseSettings):
     )
     cpu_native_decode: bool = Field(
         True,
-        description="on a CPU (float32 or bfloat16, Llama-family models), run one-token "
-        "forwards and one-row LM heads in a C kernel compiled on first use with the "
-        "machine's C compiler (one call per token instead of ~1,300 eager ops; 2-4x one-stream "
-        "tokens/s measured). Without a compiler the server logs why and stays eager",
+        description="on a CPU (float32 or bfloat16, Llama-family models), run decode forwards "
+        "of up to 64 tokens and the LM head on the chosen states in a C kernel compiled on "
+        "first use with the machine's C compiler (one call per step instead of ~1,300 eager "
+        "ops; 2-4x one-stream tokens/s measured). Without a compiler the server logs why and "
+        "stays eager",
     )
     trust_request_chat_template: bool = Field(
         False,

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mara_serve.engine.loading import cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_cpu.c")
@@ -70,7 +72,6 @@ class _Decoder(ctypes.Structure):
         ("inter", ctypes.c_int),
         ("bf16", ctypes.c_int),
         ("n_threads", ctypes.c_int),
-        ("silu", ctypes.c_int),
         ("scale", ctypes.c_float),
         ("slots", ctypes.c_long),
         ("capacity", ctypes.c_long),
@@ -96,16 +97,6 @@ class _Decoder(ctypes.Structure):
     ]
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def cache_dir() -> Path:
     root = os.environ.get("MARA_NATIVE_CACHE")
     if root:
@@ -125,7 +116,8 @@ _lib: ctypes.CDLL | None = None
 def library_path() -> Path:
     """Where this source, compiler, flags and CPU's library lives in the cache."""
     key = hashlib.sha256(SOURCE.read_bytes())
-    key.update(" ".join((compiler() or "", *CFLAGS, _cpu_flags())).encode())
+    cpu = (platform.machine(), *sorted(cpu_flags()))
+    key.update(" ".join((compiler() or "", *CFLAGS, *cpu)).encode())
     return cache_dir() / f"decode_cpu-{key.hexdigest()[:16]}.so"
 
 
@@ -165,7 +157,7 @@ def build() -> ctypes.CDLL:
             if compiler() is not None:
                 compile_library(target)
             else:
-                target = prebuilt_for(set(_cpu_flags().split()))
+                target = prebuilt_for(cpu_flags())
                 if target is None:
                     raise NativeBuildError(
                         "no C compiler found (set CC, or install gcc) and no prebuilt kernel "
@@ -249,8 +241,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class NativeDecoder:
-    """One-token forwards and one-row LM heads of `runner`'s model, in C, over its weights and
-    KV cache. Raises NativeBuildError (no compiler) or ValueError (unsupported model)."""
+    """Decode forwards of N tokens and the LM head on N states of `runner`'s model, in C, over
+    its weights and KV cache. Raises NativeBuildError (no library) or ValueError (a model it
+    does not support)."""
 
     def __init__(self, runner):
         reason = unsupported_reason(runner)
@@ -282,7 +275,7 @@ class NativeDecoder:
         self.struct = _Decoder(
             n, self.hidden, runner.num_heads, runner.num_kv_heads, runner.head_dim,
             L[0].down_w.shape[1], int(runner.dtype == torch.bfloat16), torch.get_num_threads(),
-            1, runner.scale, cache.num_slots, cache.capacity,
+            runner.scale, cache.num_slots, cache.capacity,
             *self._arrays, _ptr(w.norm_w), w.norm_eps, _ptr(w.embed.weight),
             _ptr(cache.keys), _ptr(cache.values), _ptr(self._tables[0]), _ptr(self._tables[1]),
         )  # fmt: skip

@@ -29,7 +29,6 @@ typedef struct {
     int n_layers, hidden, n_heads, n_kv_heads, head_dim, inter;
     int bf16;       /* weights, cache and tables are bf16 (else float32) */
     int n_threads;
-    int silu;       /* the MLP activation is SiLU (the only one native.py supports) */
     float scale;    /* attention scale */
     long slots, capacity; /* KV cache shape (per layer: slots x Hkv x capacity x d) */
     const void *const *ln1_w, *const *ln2_w;
@@ -234,11 +233,11 @@ static void linear(const mara_decoder *m, const void *w, const void *b, const fl
     if (m->bf16) {
         for (long j = 0; j < n * cols; j++) xb[j] = f_to_bf16(x[j]);
         gemm_bf16((const uint16_t *)w, x, xb, y, n, rows, cols, m->n_threads);
+        /* the sum rounded once, as torch's bf16 matmul */
+        for (long i = 0; i < n * rows; i++) y[i] = bf16_to_f(f_to_bf16(y[i]));
     } else {
         gemm_f32((const float *)w, x, xb, y, n, rows, cols, m->n_threads);
     }
-    if (m->bf16) /* the sum rounded once, as torch's bf16 matmul */
-        for (long i = 0; i < n * rows; i++) y[i] = bf16_to_f(f_to_bf16(y[i]));
     if (b)
         for (long t = 0; t < n; t++)
             for (long i = 0; i < rows; i++) y[t * rows + i] = rnd(m, y[t * rows + i] + load(m, b, i));
@@ -308,6 +307,7 @@ static void attend_head(const mara_decoder *m, const float *q, const void *k, co
     for (long j = 0; j < d; j++) out[j] = rnd(m, acc[j]);
 }
 
+/* The MLP activation: SiLU (__init__.py refuses a model with any other). */
 static inline float silu(float g) { return g / (1.f + expf(-g)); }
 
 static long widest_input(const mara_decoder *m) {
