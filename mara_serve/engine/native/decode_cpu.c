@@ -3,9 +3,10 @@ one call (mara_serve/engine/native/__init__.py builds and loads it).
 
 Why: a one-row decode step in eager PyTorch is ~1,300 small ops; on a 2-core CPU their
 dispatch costs as much as the weight reads (bench/RESULTS.md), and one-row bf16 matmuls go
-through generic kernels. Here a whole step is one call: every projection streams its weight
-once across the OpenMP threads (torch's own libgomp: the library is loaded after torch, so both
-share one thread pool), the rest is a few loops over each token's H floats.
+through generic kernels. Here a whole step is one call and one OpenMP parallel region (torch's
+own libgomp: the library is loaded after torch, so both share one thread pool): every
+projection streams its weight once across the threads, and the per-token work between them
+(norms, RoPE, attention, the MLP activation) is split across the same threads.
 
 Numerics follow the eager runner (runner.py) op by op: activations are float32 buffers that,
 for a bf16 model, are rounded to bf16 (round to nearest even) wherever the eager runner
@@ -76,14 +77,15 @@ static inline void put(const mara_decoder *m, void *p, long i, float f) {
 }
 
 /* Dot products of weight rows with token inputs, float32 accumulation, in two shapes:
-   - one row with 1, 2 or 4 tokens (`dot1_*`, `dot2_*`, `dot4_*`): below 8 tokens each weight
-     row is streamed once, rows one after another (a sequential stream the prefetcher follows;
-     interleaving four rows read memory slower), one accumulator chain per token. One token
-     reads the weights at about a plain read's speed (30-33 GB/s vs 31-36 on a 2-core
-     AVX512-BF16 EPYC, bench/RESULTS.md).
-   - a tile of 4 rows x 4 tokens (`tile_*`): from 8 tokens on a step is bound by arithmetic, not
-     memory, and a tile loads each weight vector once for 4 tokens and each input vector once
-     for 4 rows (16 independent accumulators).
+   - one row with 1, 2 or 4 tokens (`dot1_*`, `dot2_*`, `dot4_*`): below TILE_MIN_TOKENS
+     tokens each weight row is streamed once, rows one after another (a sequential stream the
+     prefetcher follows; interleaving four rows read memory slower), one accumulator chain per
+     token, the row's later token groups reading it from L1. One token reads the weights at
+     about a plain read's speed (30-33 GB/s vs 31-36 on a 2-core AVX512-BF16 EPYC,
+     bench/RESULTS.md).
+   - a tile of 4 rows x 4 tokens (`tile_*`): from TILE_MIN_TOKENS tokens on a step is bound by
+     arithmetic, not memory, and a tile loads each weight vector once for 4 tokens and each
+     input vector once for 4 rows (16 independent accumulators).
    Both sum every (row, token) product in the same order — one accumulator, 32 columns a step
    with AVX512-BF16's dot product (a bf16 model's inputs are rounded to bf16, so `xb` holds them
    exactly), then vector steps, then the tail — so a token's result never depends on what else
@@ -202,45 +204,51 @@ DEFINE_ROW(row_bf16, uint16_t, dot1_bf16, dot2_bf16, dot4_bf16)
 DEFINE_ROW(row_f32, float, dot1_f32, dot2_f32, dot4_f32)
 
 /* y[t * rows + i] = x_t . w[i] for n tokens (x_t = x + t * cols), w (rows, cols): rows split
-   across the threads so each weight byte is read once; 4 x 4 tiles from 8 tokens on (at 4
-   tokens the tile's four interleaved row streams read memory slower than four row passes). */
+   across the threads of the enclosing parallel region (an orphaned `omp for`: every caller is
+   inside one) so each weight byte is read once. Row by row up to TILE_MIN_TOKENS tokens (each
+   row is streamed once and stays in L1 for its token groups; bench/RESULTS.md: 4 x 4 tiles,
+   four interleaved row streams, read memory slower below that), 4 x 4 tiles from there. */
+#define TILE_MIN_TOKENS 32
 #define DEFINE_GEMM(NAME, T, ROW, TILE)                                                     \
     static void NAME(const T *w, const float *x, const uint16_t *xb, float *y, long n,      \
-                     long rows, long cols, int nt) {                                        \
-        long tiled = n >= 8 ? rows / 4 * 4 : 0, tn = n / 4 * 4;                             \
-        _Pragma("omp parallel num_threads(nt)")                                            \
-        {                                                                                   \
-            _Pragma("omp for schedule(static) nowait")                                     \
-            for (long i = 0; i < tiled; i += 4) {                                           \
-                const T *wi = w + i * cols;                                                 \
-                for (long t = 0; t < tn; t += 4)                                            \
-                    TILE(wi, cols, x + t * cols, xb + t * cols, cols, y + t * rows + i, rows); \
-                for (long r = 0; r < 4; r++)                                                \
-                    ROW(wi + r * cols, cols, x, xb, tn, n, y + i + r, rows);                \
-            }                                                                               \
-            _Pragma("omp for schedule(static)")                                            \
-            for (long i = tiled; i < rows; i++) ROW(w + i * cols, cols, x, xb, 0, n, y + i, rows); \
+                     long rows, long cols) {                                                \
+        long tiled = n >= TILE_MIN_TOKENS ? rows / 4 * 4 : 0, tn = n / 4 * 4;               \
+        _Pragma("omp for schedule(static) nowait")                                         \
+        for (long i = 0; i < tiled; i += 4) {                                               \
+            const T *wi = w + i * cols;                                                     \
+            for (long t = 0; t < tn; t += 4)                                                \
+                TILE(wi, cols, x + t * cols, xb + t * cols, cols, y + t * rows + i, rows);  \
+            for (long r = 0; r < 4; r++)                                                    \
+                ROW(wi + r * cols, cols, x, xb, tn, n, y + i + r, rows);                    \
         }                                                                                   \
+        _Pragma("omp for schedule(static)")                                                \
+        for (long i = tiled; i < rows; i++) ROW(w + i * cols, cols, x, xb, 0, n, y + i, rows); \
     }
 
 DEFINE_GEMM(gemm_bf16, uint16_t, row_bf16, tile_bf16)
 DEFINE_GEMM(gemm_f32, float, row_f32, tile_f32)
 
 /* y (n x rows) = x (n x cols) . w^T (+ b), rounded to the dtype like the eager projection
-   (the sum rounded, then the bias added and rounded). `xb`: room for n x cols bf16. */
+   (the sum rounded, then the bias added and rounded). `xb`: room for n x cols bf16. Called by
+   every thread of a parallel region (each loop is a worksharing loop; the barriers at their
+   ends order the steps). */
 static void linear(const mara_decoder *m, const void *w, const void *b, const float *x,
                    uint16_t *xb, float *y, long n, long rows, long cols) {
     if (m->bf16) {
+#pragma omp for schedule(static)
         for (long j = 0; j < n * cols; j++) xb[j] = f_to_bf16(x[j]);
-        gemm_bf16((const uint16_t *)w, x, xb, y, n, rows, cols, m->n_threads);
-        /* the sum rounded once, as torch's bf16 matmul */
-        for (long i = 0; i < n * rows; i++) y[i] = bf16_to_f(f_to_bf16(y[i]));
+        gemm_bf16((const uint16_t *)w, x, xb, y, n, rows, cols);
     } else {
-        gemm_f32((const float *)w, x, xb, y, n, rows, cols, m->n_threads);
+        gemm_f32((const float *)w, x, xb, y, n, rows, cols);
     }
-    if (b)
-        for (long t = 0; t < n; t++)
-            for (long i = 0; i < rows; i++) y[t * rows + i] = rnd(m, y[t * rows + i] + load(m, b, i));
+    /* bf16: the sum rounded once, as torch's bf16 matmul; then the bias added and rounded */
+    if (m->bf16 || b) {
+#pragma omp for schedule(static)
+        for (long i = 0; i < n * rows; i++) {
+            float v = rnd(m, y[i]);
+            y[i] = b ? rnd(m, v + load(m, b, i % rows)) : v;
+        }
+    }
 }
 
 /* HF's RMSNorm: float32 x * rsqrt(mean(x^2) + eps), rounded to the dtype, times the weight. */
@@ -320,7 +328,7 @@ static long widest_input(const mara_decoder *m) {
 long mara_scratch_floats(const mara_decoder *m, long n, long max_keys) {
     long H = m->hidden, d = m->head_dim;
     long qkv = (long)(m->n_heads + 2 * m->n_kv_heads) * d;
-    long per_token = 3 * H + qkv + (long)m->n_heads * d + 2 * (long)m->inter +
+    long per_token = 3 * H + qkv + (long)m->n_heads * d + 3 * (long)m->inter +
                      (widest_input(m) + 1) / 2 + (long)m->n_heads * max_keys;
     return n * per_token + 64;
 }
@@ -339,49 +347,69 @@ void mara_decode(const mara_decoder *m, long n, const long *tokens, const long *
         if (lengths[t] + 1 > max_keys) max_keys = lengths[t] + 1;
     float *x = scratch, *h = x + n * H, *o = h + n * H, *qkv = o + n * H;
     float *att = qkv + n * qkv_rows, *gu = att + n * Hq * d, *scores = gu + n * 2 * I;
-    uint16_t *xb = (uint16_t *)(scores + n * Hq * max_keys);
+    float *act = scores + n * Hq * max_keys;
+    uint16_t *xb = (uint16_t *)(act + n * I);
     long elt = m->bf16 ? 2 : 4;
     long layer_stride = m->slots * Hkv * m->capacity * d, head_stride = m->capacity * d;
 
-    for (long t = 0; t < n; t++)
-        for (long i = 0; i < H; i++) x[t * H + i] = load(m, m->embed, tokens[t] * H + i);
-    for (int l = 0; l < m->n_layers; l++) {
-        for (long t = 0; t < n; t++) rms_norm(m, x + t * H, m->ln1_w[l], m->ln1_eps[l], h + t * H);
-        linear(m, m->qkv_w[l], m->qkv_b[l], h, xb, qkv, n, qkv_rows, H);
-        for (long t = 0; t < n; t++) {
-            float *qt = qkv + t * qkv_rows;
-            for (long hd = 0; hd < Hq + Hkv; hd++) rope(m, qt + hd * d, m->cos, m->sin, lengths[t]);
-            char *kbase = (char *)m->keys + (l * layer_stride + slots[t] * Hkv * head_stride) * elt;
-            char *vbase = (char *)m->values + (l * layer_stride + slots[t] * Hkv * head_stride) * elt;
-            for (long kh = 0; kh < Hkv; kh++)
-                for (long j = 0; j < d; j++) {
-                    put(m, kbase + kh * head_stride * elt, stores[t] * d + j, qt[(Hq + kh) * d + j]);
-                    put(m, vbase + kh * head_stride * elt, stores[t] * d + j,
-                        qt[(Hq + Hkv + kh) * d + j]);
+    /* One parallel region for the whole forward: every step is a worksharing loop (the
+       projections over weight rows, the rest over tokens, heads or elements), so nothing runs
+       on one thread while the other waits, and the threads are forked once, not ~150 times. */
+#pragma omp parallel num_threads(m->n_threads)
+    {
+#pragma omp for schedule(static)
+        for (long t = 0; t < n; t++)
+            for (long i = 0; i < H; i++) x[t * H + i] = load(m, m->embed, tokens[t] * H + i);
+        for (int l = 0; l < m->n_layers; l++) {
+            char *keys = (char *)m->keys + l * layer_stride * elt;
+            char *values = (char *)m->values + l * layer_stride * elt;
+#pragma omp for schedule(static)
+            for (long t = 0; t < n; t++) rms_norm(m, x + t * H, m->ln1_w[l], m->ln1_eps[l], h + t * H);
+            linear(m, m->qkv_w[l], m->qkv_b[l], h, xb, qkv, n, qkv_rows, H);
+            /* RoPE on every q and k head; a k head also writes its K and V to the cache */
+#pragma omp for schedule(static)
+            for (long th = 0; th < n * (Hq + Hkv); th++) {
+                long t = th / (Hq + Hkv), hd = th % (Hq + Hkv);
+                float *qt = qkv + t * qkv_rows;
+                rope(m, qt + hd * d, m->cos, m->sin, lengths[t]);
+                if (hd >= Hq) {
+                    long kh = hd - Hq, at = ((slots[t] * Hkv + kh) * head_stride + stores[t] * d) * elt;
+                    for (long j = 0; j < d; j++) {
+                        put(m, keys + at, j, qt[(Hq + kh) * d + j]);
+                        put(m, values + at, j, qt[(Hq + Hkv + kh) * d + j]);
+                    }
                 }
+            }
+#pragma omp for schedule(static)
+            for (long th = 0; th < n * Hq; th++) {
+                long t = th / Hq, qh = th % Hq, kh = qh / g;
+                long base = ((slots[t] * Hkv + kh) * head_stride) * elt;
+                attend_head(m, qkv + t * qkv_rows + qh * d, keys + base, values + base,
+                            lengths[t], stores[t], scores + th * max_keys, att + t * Hq * d + qh * d);
+            }
+            linear(m, m->o_w[l], m->o_b[l], att, xb, o, n, H, Hq * d);
+#pragma omp for schedule(static)
+            for (long t = 0; t < n; t++) {
+                for (long i = t * H; i < (t + 1) * H; i++) x[i] = rnd(m, x[i] + o[i]);
+                rms_norm(m, x + t * H, m->ln2_w[l], m->ln2_eps[l], h + t * H);
+            }
+            linear(m, m->gate_up_w[l], m->gate_up_b[l], h, xb, gu, n, 2 * I, H);
+            /* SiLU(gate) * up, into its own buffer (threads split the elements) */
+#pragma omp for schedule(static)
+            for (long e = 0; e < n * I; e++) {
+                long t = e / I, i = e % I;
+                const float *gt = gu + t * 2 * I;
+                act[e] = rnd(m, rnd(m, silu(gt[i])) * gt[I + i]);
+            }
+            linear(m, m->down_w[l], m->down_b[l], act, xb, o, n, H, I);
+#pragma omp for schedule(static)
+            for (long i = 0; i < n * H; i++) x[i] = rnd(m, x[i] + o[i]);
         }
-#pragma omp parallel for num_threads(m->n_threads) schedule(static)
-        for (long th = 0; th < n * Hq; th++) {
-            long t = th / Hq, qh = th % Hq, kh = qh / g;
-            long base = (l * layer_stride + slots[t] * Hkv * head_stride + kh * head_stride) * elt;
-            attend_head(m, qkv + t * qkv_rows + qh * d, (char *)m->keys + base,
-                        (char *)m->values + base, lengths[t], stores[t],
-                        scores + th * max_keys, att + t * Hq * d + qh * d);
-        }
-        linear(m, m->o_w[l], m->o_b[l], att, xb, o, n, H, Hq * d);
-        for (long i = 0; i < n * H; i++) x[i] = rnd(m, x[i] + o[i]);
-        for (long t = 0; t < n; t++) rms_norm(m, x + t * H, m->ln2_w[l], m->ln2_eps[l], h + t * H);
-        linear(m, m->gate_up_w[l], m->gate_up_b[l], h, xb, gu, n, 2 * I, H);
+#pragma omp for schedule(static)
         for (long t = 0; t < n; t++) {
-            float *gt = gu + t * 2 * I, *act = gu + t * I; /* in place, row by row: t*I <= t*2I */
-            for (long i = 0; i < I; i++) act[i] = rnd(m, rnd(m, silu(gt[i])) * gt[I + i]);
+            rms_norm(m, x + t * H, m->norm_w, m->norm_eps, h + t * H);
+            for (long i = 0; i < H; i++) put(m, out, t * H + i, h[t * H + i]);
         }
-        linear(m, m->down_w[l], m->down_b[l], gu, xb, o, n, H, I);
-        for (long i = 0; i < n * H; i++) x[i] = rnd(m, x[i] + o[i]);
-    }
-    for (long t = 0; t < n; t++) {
-        rms_norm(m, x + t * H, m->norm_w, m->norm_eps, h + t * H);
-        for (long i = 0; i < H; i++) put(m, out, t * H + i, h[t * H + i]);
     }
 }
 
@@ -391,7 +419,12 @@ void mara_head(const mara_decoder *m, const void *w, const void *x, void *y, lon
                long cols, float *scratch) {
     float *xf = scratch, *yf = scratch + n * cols;
     uint16_t *xb = (uint16_t *)(yf + n * rows);
-    for (long j = 0; j < n * cols; j++) xf[j] = load(m, x, j);
-    linear(m, w, 0, xf, xb, yf, n, rows, cols);
-    for (long i = 0; i < n * rows; i++) put(m, y, i, yf[i]);
+#pragma omp parallel num_threads(m->n_threads)
+    {
+#pragma omp for schedule(static)
+        for (long j = 0; j < n * cols; j++) xf[j] = load(m, x, j);
+        linear(m, w, 0, xf, xb, yf, n, rows, cols);
+#pragma omp for schedule(static)
+        for (long i = 0; i < n * rows; i++) put(m, y, i, yf[i]);
+    }
 }
