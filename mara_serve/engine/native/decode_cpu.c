@@ -130,9 +130,14 @@ static inline float vload_bf16(const uint16_t *p) { return bf16_to_f(*p); }
 #endif
 #define VLOAD_F32(p) VLOAD(p)
 
-/* Weights are read 2 KB ahead of use: the hardware prefetcher alone left the loads waiting
-   (10-30 % slower one- to eight-token forwards on the EPYC). */
-#define PREFETCH(p) __builtin_prefetch((const char *)(p) + 2048, 0, 3)
+/* Weights are prefetched 2 KB ahead of use into L1 and 6 KB ahead into L2: the hardware
+   prefetcher alone left the loads waiting (10-30 % slower one- to eight-token forwards on the
+   EPYC), and with the L1 prefetch alone a forward of 2-8 tokens, whose dot products take
+   longer per row, still waited for memory (the L2 one: 4 tokens 13.6 -> 10.7 ms, 8 tokens
+   17.4 -> 14.8, one token unchanged; bench/RESULTS.md). */
+#define PREFETCH(p)                                                                         \
+    (__builtin_prefetch((const char *)(p) + 2048, 0, 3),                                    \
+     __builtin_prefetch((const char *)(p) + 6144, 0, 2))
 
 #if defined(__AVX512BF16__)
 #define DP_STEPS(R, K)                                                                      \
