@@ -121,9 +121,10 @@ def library_path() -> Path:
     return cache_dir() / f"decode_cpu-{key.hexdigest()[:16]}.so"
 
 
-def compile_library(target: Path, cflags: tuple[str, ...] = CFLAGS) -> None:
-    """Compile decode_cpu.c to `target` (atomically: concurrent processes never load half a
-    file). Raises NativeBuildError with the compiler's message."""
+def compile_library(target: Path, cflags: tuple[str, ...] = CFLAGS, source: Path = SOURCE) -> None:
+    """Compile decode_cpu.c (or another version of it: bench/native.py --baseline-ref) to
+    `target` (atomically: concurrent processes never load half a file). Raises
+    NativeBuildError with the compiler's message."""
     cc = compiler()
     if cc is None:
         raise NativeBuildError("no C compiler found (set CC, or install gcc)")
@@ -133,7 +134,7 @@ def compile_library(target: Path, cflags: tuple[str, ...] = CFLAGS) -> None:
     except OSError as e:  # e.g. a read-only home: say so, and the engine stays eager
         raise NativeBuildError(f"cannot write the compiled kernel to {target.parent}: {e}") from e
     os.close(fd)
-    cmd = [cc, *cflags, "-o", tmp, str(SOURCE), "-lm"]
+    cmd = [cc, *cflags, "-o", tmp, str(source), "-lm"]
     log.info("compiling the native decode kernel: %s", " ".join(cmd))
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -164,23 +165,27 @@ def build() -> ctypes.CDLL:
                         f"for this CPU in {PREBUILT_DIR}"
                     )
                 log.info("no C compiler: loading the prebuilt native kernel %s", target.name)
-        try:
-            # torch is imported (and with it its libgomp): the library's libgomp.so.1 resolves
-            # to that same runtime, so its threads are torch's.
-            lib = ctypes.CDLL(str(target))
-        except OSError as e:
-            raise NativeBuildError(f"cannot load {target}: {e}") from e
-        lib.mara_scratch_floats.restype = ctypes.c_long
-        lib.mara_scratch_floats.argtypes = [ctypes.POINTER(_Decoder), ctypes.c_long,
-                                            ctypes.c_long]  # fmt: skip
-        lib.mara_decode.restype = None
-        lib.mara_decode.argtypes = [ctypes.POINTER(_Decoder), ctypes.c_long, *[ctypes.c_void_p] * 6]
-        lib.mara_head.restype = None
-        lib.mara_head.argtypes = [ctypes.POINTER(_Decoder), ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
-                                  ctypes.c_void_p]  # fmt: skip
-        _lib = lib
-        return lib
+        _lib = load_library(target)
+        return _lib
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """Load a compiled kernel and declare its functions. Raises NativeBuildError."""
+    try:
+        # torch is imported (and with it its libgomp): the library's libgomp.so.1 resolves to
+        # that same runtime, so its threads are torch's.
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise NativeBuildError(f"cannot load {path}: {e}") from e
+    lib.mara_scratch_floats.restype = ctypes.c_long
+    lib.mara_scratch_floats.argtypes = [ctypes.POINTER(_Decoder), ctypes.c_long, ctypes.c_long]
+    lib.mara_decode.restype = None
+    lib.mara_decode.argtypes = [ctypes.POINTER(_Decoder), ctypes.c_long, *[ctypes.c_void_p] * 6]
+    lib.mara_head.restype = None
+    lib.mara_head.argtypes = [ctypes.POINTER(_Decoder), ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                              ctypes.c_void_p]  # fmt: skip
+    return lib
 
 
 def prebuild(directory: Path | None = None) -> list[Path]:
