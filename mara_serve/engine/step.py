@@ -111,10 +111,12 @@ def _round_size(
     """How many of a row's remaining candidates this round evaluates.
 
     Any split gives the same tokens (each candidate sees prefix + itself only); this is purely
-    a cost choice. On CPUs a forward of 2+ tokens costs ~1.5x one token (gemm vs gemv), so a
-    row whose agent has mostly accepted the top-1 lately (a trained agent on benign text)
-    first tries rank 0 alone; a row whose agent keeps rejecting everything (it will judge the
-    whole list anyway) gets all its candidates in one forward instead of chunk after chunk.
+    a cost choice. On CPUs a forward of 4 tokens costs ~1.4x one token (and 16 rows of them
+    are compute-bound), so a row whose agent has mostly accepted the top-1 lately (a trained
+    agent on benign text) first tries rank 0 alone (a probe of two, where two tokens cost what
+    one does, measured slower: bench/RESULTS.md); a row whose agent keeps rejecting
+    everything (it will judge the whole list anyway) gets all its candidates in one forward
+    instead of chunk after chunk.
     With `rest_at_once` (GPUs: a round costs a launch and a sync more than its tokens) a row
     whose first chunk was all rejected gets all the rest in its second round.
     """
